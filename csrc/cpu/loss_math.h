@@ -1,0 +1,373 @@
+// The maths of the loss family (shared/DESIGN.md section 2) for one row, fed one
+// chunk of classes at a time, so the dense kernel (whole rows) and the fused
+// linear kernel (class tiles of a GEMM) share it.
+//
+//   loss = hw * [LSE(f) - (1-eps) f_y - eps/V sum f]                       hard
+//        + sw * T^2 * [LSE(f/T) - LSE(s/T) - <softmax(s/T), f - s>/T]       soft (KL)
+//        + dw * [LSE(f + log w) - <softmax(s), f>]                          double
+//
+// Forward: one pass over the chunks with online maxima (each chunk is scanned
+// for its maxima, the running sums rescaled, then its exponentials summed while
+// it sits in L1). Backward: every chunk recomputes softmax - q from the five
+// log-partitions saved per row (RowStat).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+namespace kdfast::cpu {
+
+// Classes per chunk: a chunk of logits, teacher logits and log-weights in acc_t
+// stays in L1 while all its terms are summed.
+constexpr int64_t kChunk = 1024;
+
+enum class NegativeWeighting : int { Sigmoid = 0, OneMinusProb = 1 };
+
+inline NegativeWeighting parse_negative_weighting(const std::string& name) {
+  if (name == "sigmoid") return NegativeWeighting::Sigmoid;
+  if (name == "one_minus_prob") return NegativeWeighting::OneMinusProb;
+  TORCH_CHECK_VALUE(false, "negative_weighting must be 'sigmoid' or 'one_minus_prob', got '", name, "'");
+}
+
+// Per-row log-partitions saved for the backward; order matches kdfast/ops.py.
+enum RowStat : int64_t { kLseF = 0, kLseFT, kLseFW, kLseST, kLseS, kNumRowStats };
+
+struct LossConfig {
+  double hard_weight = 1.0, soft_weight = 0.0, double_weight = 0.0;
+  double temperature = 1.0;
+  NegativeWeighting negative_weighting = NegativeWeighting::Sigmoid;
+  double negative_scale = 1.0, negative_shift = 0.0;
+  double label_smoothing = 0.0;
+  int64_t ignore_index = -100;
+  int64_t num_classes = 0;
+
+  bool hard() const { return hard_weight > 0; }
+  bool soft() const { return soft_weight > 0; }
+  bool dbl() const { return double_weight > 0; }
+  bool needs_teacher() const { return soft() || dbl(); }
+  // one_minus_prob weights need the teacher's log-partition before the main pass
+  bool needs_teacher_prepass() const {
+    return dbl() && negative_weighting == NegativeWeighting::OneMinusProb;
+  }
+
+  // Argument checks shared by every loss op (the Python layer checks the same,
+  // with friendlier types; these guard direct torch.ops calls).
+  void check() const {
+    TORCH_CHECK_VALUE(hard_weight >= 0, "hard_weight must be >= 0, got ", hard_weight);
+    TORCH_CHECK_VALUE(soft_weight >= 0, "soft_weight must be >= 0, got ", soft_weight);
+    TORCH_CHECK_VALUE(double_weight >= 0, "double_weight must be >= 0, got ", double_weight);
+    TORCH_CHECK_VALUE(hard() || soft() || dbl(),
+                      "all of hard_weight, soft_weight and double_weight are 0");
+    TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+    TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1,
+                      "label_smoothing must be in [0, 1], got ", label_smoothing);
+  }
+};
+
+template <typename acc_t>
+constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+// exp(old_max - new_max), the factor that moves a running sum to a new maximum;
+// 0 while nothing was summed yet (old_max = -inf), avoiding -inf - -inf = NaN.
+template <typename acc_t>
+inline acc_t rescale_factor(acc_t old_max, acc_t new_max, acc_t inv_temperature = acc_t(1)) {
+  if (old_max == kNegInf<acc_t>) return acc_t(0);
+  return std::exp((old_max - new_max) * inv_temperature);
+}
+
+// The shift subtracted before exponentiating: the maximum, or 0 when the maximum
+// is -inf (all entries -inf, so every exponential is 0 either way).
+template <typename acc_t>
+inline acc_t exp_shift(acc_t max_value) {
+  return max_value == kNegInf<acc_t> ? acc_t(0) : max_value;
+}
+
+// Sum over i in [0, n) of an elementwise expression given in vector form
+// (vec_op(i) for the Vec::size() elements at i) and scalar form (for the tail).
+template <typename acc_t, typename VecOp, typename ScalarOp>
+inline acc_t chunk_sum(int64_t n, const VecOp& vec_op, const ScalarOp& scalar_op) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec acc(acc_t(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = acc + vec_op(i);
+  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
+  for (; i < n; ++i) total += scalar_op(i);
+  return total;
+}
+
+template <typename acc_t, typename VecOp, typename ScalarOp>
+inline acc_t chunk_max(int64_t n, const VecOp& vec_op, const ScalarOp& scalar_op) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec acc(kNegInf<acc_t>);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::maximum(acc, vec_op(i));
+  acc_t best = at::vec::vec_reduce_all<acc_t>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
+  for (; i < n; ++i) {
+    const acc_t v = scalar_op(i);
+    best = (v > best || std::isnan(v)) ? v : best;
+  }
+  return best;
+}
+
+// e * x with the convention 0 * x = 0 (a class of zero probability contributes
+// nothing, even where x is infinite).
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> weighted(const at::vec::Vectorized<acc_t>& e,
+                                           const at::vec::Vectorized<acc_t>& x) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec zero(acc_t(0));
+  return Vec::blendv(e * x, zero, e == zero);
+}
+template <typename acc_t>
+inline acc_t weighted(acc_t e, acc_t x) {
+  return e == acc_t(0) ? acc_t(0) : e * x;
+}
+
+// log w of double distillation for n teacher logits s:
+//   sigmoid:        log(1 - sigmoid(a (s - b))) = -softplus(a (s - b))
+//   one_minus_prob: log(1 - exp(s - lse_s))
+template <typename acc_t>
+inline void log_negative_weights(const LossConfig& cfg, const acc_t* s, int64_t n, acc_t lse_s,
+                                 acc_t* log_w) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  int64_t i = 0;
+  if (cfg.negative_weighting == NegativeWeighting::Sigmoid) {
+    const acc_t a = static_cast<acc_t>(cfg.negative_scale);
+    const acc_t b = static_cast<acc_t>(cfg.negative_shift);
+    const Vec va(a), vb(b), zero(acc_t(0));
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec z = va * (Vec::loadu(s + i) - vb);
+      // softplus(z) = max(z, 0) + log1p(exp(-|z|))
+      const Vec softplus = at::vec::maximum(z, zero) + z.abs().neg().exp().log1p();
+      softplus.neg().store(log_w + i);
+    }
+    for (; i < n; ++i) {
+      const acc_t z = a * (s[i] - b);
+      log_w[i] = -(std::max(z, acc_t(0)) + std::log1p(std::exp(-std::abs(z))));
+    }
+  } else {
+    const Vec vlse(lse_s);
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      ((Vec::loadu(s + i) - vlse).exp().neg()).log1p().store(log_w + i);
+    }
+    for (; i < n; ++i) log_w[i] = std::log1p(-std::exp(s[i] - lse_s));
+  }
+}
+
+// Online statistics of one row, fed chunk by chunk.
+template <typename acc_t>
+struct RowAccumulator {
+  using Vec = at::vec::Vectorized<acc_t>;
+
+  acc_t max_f = kNegInf<acc_t>;   // max f
+  acc_t max_s = kNegInf<acc_t>;   // max s
+  acc_t max_fw = kNegInf<acc_t>;  // max f + log w
+  acc_t sum_f = 0;                // sum exp(f - max_f)
+  acc_t sum_fT = 0;               // sum exp((f - max_f) / T)
+  acc_t sum_fw = 0;               // sum exp(f + log w - max_fw)
+  acc_t sum_sT = 0;               // sum exp((s - max_s) / T)
+  acc_t dot_sT = 0;               // sum exp((s - max_s) / T) * (f - s)
+  acc_t sum_s = 0;                // sum exp(s - max_s)
+  acc_t dot_s = 0;                // sum exp(s - max_s) * f
+  acc_t sum_logits = 0;           // sum f (label smoothing)
+  acc_t target_logit = 0;         // f_y
+
+  // Feed classes [col0, col0 + n): student logits f, teacher logits s (or null),
+  // log w (filled by log_negative_weights when the double term is on), the row's
+  // target (or any value outside the chunk).
+  void update(const LossConfig& cfg, const acc_t* f, const acc_t* s, const acc_t* log_w,
+              int64_t n, int64_t col0, int64_t target) {
+    const acc_t inv_t = acc_t(1) / static_cast<acc_t>(cfg.temperature);
+    const bool same_t = cfg.temperature == 1.0;
+
+    if (cfg.hard() || cfg.soft()) {
+      const acc_t m = std::max(max_f, chunk_max<acc_t>(
+          n, [&](int64_t i) { return Vec::loadu(f + i); }, [&](int64_t i) { return f[i]; }));
+      if (m != max_f) {
+        sum_f *= rescale_factor(max_f, m);
+        sum_fT *= rescale_factor(max_f, m, inv_t);
+        max_f = m;
+      }
+      const acc_t shift = exp_shift(max_f);
+      const Vec vshift(shift), vinv_t(inv_t);
+      acc_t chunk_f = 0;
+      if (cfg.hard() || same_t) {
+        chunk_f = chunk_sum<acc_t>(
+            n, [&](int64_t i) { return (Vec::loadu(f + i) - vshift).exp(); },
+            [&](int64_t i) { return std::exp(f[i] - shift); });
+        sum_f += chunk_f;
+      }
+      if (cfg.soft()) {
+        sum_fT += same_t ? chunk_f : chunk_sum<acc_t>(
+            n, [&](int64_t i) { return ((Vec::loadu(f + i) - vshift) * vinv_t).exp(); },
+            [&](int64_t i) { return std::exp((f[i] - shift) * inv_t); });
+      }
+    }
+    if (cfg.hard()) {
+      if (target >= col0 && target < col0 + n) target_logit = f[target - col0];
+      if (cfg.label_smoothing > 0) {
+        sum_logits += chunk_sum<acc_t>(
+            n, [&](int64_t i) { return Vec::loadu(f + i); }, [&](int64_t i) { return f[i]; });
+      }
+    }
+    if (cfg.needs_teacher()) {
+      const acc_t m = std::max(max_s, chunk_max<acc_t>(
+          n, [&](int64_t i) { return Vec::loadu(s + i); }, [&](int64_t i) { return s[i]; }));
+      if (m != max_s) {
+        const acc_t r1 = rescale_factor(max_s, m);
+        const acc_t rT = rescale_factor(max_s, m, inv_t);
+        sum_s *= r1;
+        dot_s *= r1;
+        sum_sT *= rT;
+        dot_sT *= rT;
+        max_s = m;
+      }
+      const acc_t shift = exp_shift(max_s);
+      const Vec vshift(shift), vinv_t(inv_t);
+      if (cfg.soft()) {
+        sum_sT += chunk_sum<acc_t>(
+            n, [&](int64_t i) { return ((Vec::loadu(s + i) - vshift) * vinv_t).exp(); },
+            [&](int64_t i) { return std::exp((s[i] - shift) * inv_t); });
+        dot_sT += chunk_sum<acc_t>(
+            n,
+            [&](int64_t i) {
+              const Vec sv = Vec::loadu(s + i);
+              return weighted<acc_t>(((sv - vshift) * vinv_t).exp(), Vec::loadu(f + i) - sv);
+            },
+            [&](int64_t i) { return weighted<acc_t>(std::exp((s[i] - shift) * inv_t), f[i] - s[i]); });
+      }
+      if (cfg.dbl()) {
+        sum_s += chunk_sum<acc_t>(
+            n, [&](int64_t i) { return (Vec::loadu(s + i) - vshift).exp(); },
+            [&](int64_t i) { return std::exp(s[i] - shift); });
+        dot_s += chunk_sum<acc_t>(
+            n,
+            [&](int64_t i) { return weighted<acc_t>((Vec::loadu(s + i) - vshift).exp(), Vec::loadu(f + i)); },
+            [&](int64_t i) { return weighted<acc_t>(std::exp(s[i] - shift), f[i]); });
+      }
+    }
+    if (cfg.dbl()) {
+      const acc_t m = std::max(max_fw, chunk_max<acc_t>(
+          n, [&](int64_t i) { return Vec::loadu(f + i) + Vec::loadu(log_w + i); },
+          [&](int64_t i) { return f[i] + log_w[i]; }));
+      if (m != max_fw) {
+        sum_fw *= rescale_factor(max_fw, m);
+        max_fw = m;
+      }
+      const acc_t shift = exp_shift(max_fw);
+      const Vec vshift(shift);
+      sum_fw += chunk_sum<acc_t>(
+          n, [&](int64_t i) { return (Vec::loadu(f + i) + Vec::loadu(log_w + i) - vshift).exp(); },
+          [&](int64_t i) { return std::exp(f[i] + log_w[i] - shift); });
+    }
+  }
+
+  // The row's log-partitions (RowStat order) into stats[0..kNumRowStats).
+  void finish_stats(const LossConfig& cfg, acc_t* stats) const {
+    const acc_t inv_t = acc_t(1) / static_cast<acc_t>(cfg.temperature);
+    stats[kLseF] = max_f + std::log(sum_f);
+    stats[kLseFT] = max_f * inv_t + std::log(sum_fT);
+    stats[kLseFW] = max_fw + std::log(sum_fw);
+    stats[kLseST] = max_s * inv_t + std::log(sum_sT);
+    stats[kLseS] = max_s + std::log(sum_s);
+  }
+
+  // The row's weighted loss, from its finished stats.
+  acc_t loss(const LossConfig& cfg, const acc_t* stats) const {
+    const acc_t T = static_cast<acc_t>(cfg.temperature);
+    acc_t total = 0;
+    if (cfg.hard()) {
+      const acc_t eps = static_cast<acc_t>(cfg.label_smoothing);
+      acc_t hard = stats[kLseF] - (acc_t(1) - eps) * target_logit;
+      if (eps > 0) hard -= eps / static_cast<acc_t>(cfg.num_classes) * sum_logits;
+      total += static_cast<acc_t>(cfg.hard_weight) * hard;
+    }
+    if (cfg.soft()) {
+      const acc_t kl = stats[kLseFT] - stats[kLseST] - dot_sT / sum_sT / T;
+      total += static_cast<acc_t>(cfg.soft_weight) * T * T * kl;
+    }
+    if (cfg.dbl()) {
+      total += static_cast<acc_t>(cfg.double_weight) * (stats[kLseFW] - dot_s / sum_s);
+    }
+    return total;
+  }
+};
+
+// LSE(s) of a whole row, for the one_minus_prob pre-pass.
+template <typename acc_t>
+struct LogSumExp {
+  using Vec = at::vec::Vectorized<acc_t>;
+  acc_t max = kNegInf<acc_t>;
+  acc_t sum = 0;
+
+  void update(const acc_t* x, int64_t n) {
+    const acc_t m = std::max(max, chunk_max<acc_t>(
+        n, [&](int64_t i) { return Vec::loadu(x + i); }, [&](int64_t i) { return x[i]; }));
+    if (m != max) {
+      sum *= rescale_factor(max, m);
+      max = m;
+    }
+    const acc_t shift = exp_shift(max);
+    const Vec vshift(shift);
+    sum += chunk_sum<acc_t>(
+        n, [&](int64_t i) { return (Vec::loadu(x + i) - vshift).exp(); },
+        [&](int64_t i) { return std::exp(x[i] - shift); });
+  }
+  acc_t value() const { return max + std::log(sum); }
+};
+
+// Gradient of the row's loss for classes [col0, col0 + n), times `scale`
+// (the upstream gradient of the row), written to grad[0..n):
+//   hw (softmax(f) - q_hard) + sw T (softmax(f/T) - softmax(s/T)) + dw (softmax(f + log w) - softmax(s))
+template <typename acc_t>
+inline void gradient_chunk(const LossConfig& cfg, const acc_t* stats, const acc_t* f, const acc_t* s,
+                           const acc_t* log_w, int64_t n, int64_t col0, int64_t target, acc_t scale,
+                           acc_t* grad) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(cfg.temperature);
+  // per-term coefficients, folded with the upstream gradient
+  const acc_t ch = static_cast<acc_t>(cfg.hard_weight) * scale;
+  const acc_t cs = static_cast<acc_t>(cfg.soft_weight * cfg.temperature) * scale;
+  const acc_t cd = static_cast<acc_t>(cfg.double_weight) * scale;
+  const acc_t smooth = cfg.hard() ? ch * static_cast<acc_t>(cfg.label_smoothing / cfg.num_classes) : 0;
+  const Vec vch(ch), vcs(cs), vcd(cd), vinv_t(inv_t), vsmooth(smooth);
+  const Vec lse_f(stats[kLseF]), lse_ft(stats[kLseFT]), lse_fw(stats[kLseFW]);
+  const Vec lse_st(stats[kLseST]), lse_s(stats[kLseS]);
+  const bool hard = cfg.hard(), soft = cfg.soft(), dbl = cfg.dbl();
+
+  // The term flags are loop-invariant; the branches predict perfectly.
+  auto vec_grad = [&](int64_t i) {
+    const Vec fv = Vec::loadu(f + i);
+    Vec g(acc_t(0));
+    if (hard) g = vch * (fv - lse_f).exp() - vsmooth;
+    if (soft || dbl) {
+      const Vec sv = Vec::loadu(s + i);
+      if (soft) g = g + vcs * ((fv * vinv_t - lse_ft).exp() - (sv * vinv_t - lse_st).exp());
+      if (dbl) g = g + vcd * ((fv + Vec::loadu(log_w + i) - lse_fw).exp() - (sv - lse_s).exp());
+    }
+    return g;
+  };
+  auto scalar_grad = [&](int64_t i) {
+    acc_t g = 0;
+    if (hard) g = ch * std::exp(f[i] - stats[kLseF]) - smooth;
+    if (soft) g += cs * (std::exp(f[i] * inv_t - stats[kLseFT]) - std::exp(s[i] * inv_t - stats[kLseST]));
+    if (dbl) g += cd * (std::exp(f[i] + log_w[i] - stats[kLseFW]) - std::exp(s[i] - stats[kLseS]));
+    return g;
+  };
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) vec_grad(i).store(grad + i);
+  for (; i < n; ++i) grad[i] = scalar_grad(i);
+  if (hard && target >= col0 && target < col0 + n) {
+    grad[target - col0] -= ch * (acc_t(1) - static_cast<acc_t>(cfg.label_smoothing));
+  }
+}
+
+}  // namespace kdfast::cpu

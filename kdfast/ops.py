@@ -1,0 +1,108 @@
+"""Typed wrappers, fake kernels and autograd for the ``torch.ops.kdfast`` ops.
+
+The schemas live in ``csrc/ops.cpp`` (one ``TORCH_LIBRARY(kdfast, m)`` block);
+the kernels in ``csrc/cpu/`` (and ``csrc/cuda/`` for a CUDA build). This module
+adds what torch needs to trace and differentiate them: a fake (meta) kernel
+per op for ``torch.compile`` / ``opcheck``, and ``register_autograd`` for the
+forward ops, whose backward is itself an op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loading the extension registers the ops)
+
+__all__ = ["NUM_ROW_STATS", "distillation_loss_forward", "distillation_loss_backward"]
+
+# Per-row statistics saved by the forward for the backward; keep in sync with
+# csrc/cpu/loss_math.h (RowStat): lse(f), lse(f/T), lse(f + log w), lse(s/T), lse(s).
+NUM_ROW_STATS = 5
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the kernels: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def distillation_loss_forward(
+    student_logits: Tensor,
+    target: Tensor | None,
+    teacher_logits: Tensor | None,
+    hard_weight: float,
+    soft_weight: float,
+    double_weight: float,
+    temperature: float,
+    negative_weighting: str,
+    negative_scale: float,
+    negative_shift: float,
+    label_smoothing: float,
+    ignore_index: int,
+) -> tuple[Tensor, Tensor]:
+    """Per-row losses ``[B]`` (dtype of the logits) and row statistics ``[B, 5]``."""
+    return torch.ops.kdfast.distillation_loss_forward.default(
+        student_logits, target, teacher_logits, hard_weight, soft_weight, double_weight,
+        temperature, negative_weighting, negative_scale, negative_shift, label_smoothing,
+        ignore_index,
+    )
+
+
+def distillation_loss_backward(
+    grad_losses: Tensor,
+    student_logits: Tensor,
+    target: Tensor | None,
+    teacher_logits: Tensor | None,
+    stats: Tensor,
+    hard_weight: float,
+    soft_weight: float,
+    double_weight: float,
+    temperature: float,
+    negative_weighting: str,
+    negative_scale: float,
+    negative_shift: float,
+    label_smoothing: float,
+    ignore_index: int,
+) -> Tensor:
+    """Gradient of ``sum(grad_losses * losses)`` with respect to the student logits."""
+    return torch.ops.kdfast.distillation_loss_backward.default(
+        grad_losses, student_logits, target, teacher_logits, stats, hard_weight, soft_weight,
+        double_weight, temperature, negative_weighting, negative_scale, negative_shift,
+        label_smoothing, ignore_index,
+    )
+
+
+@torch.library.register_fake("kdfast::distillation_loss_forward")
+def _distillation_loss_forward_fake(student_logits, target, teacher_logits, *params):
+    B = student_logits.shape[0]
+    losses = student_logits.new_empty((B,))
+    stats = student_logits.new_empty((B, NUM_ROW_STATS), dtype=stats_dtype(student_logits.dtype))
+    return losses, stats
+
+
+@torch.library.register_fake("kdfast::distillation_loss_backward")
+def _distillation_loss_backward_fake(grad_losses, student_logits, *rest):
+    return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+
+
+def _distillation_loss_setup_context(ctx, inputs, output):
+    student_logits, target, teacher_logits, *params = inputs
+    ctx.save_for_backward(student_logits, target, teacher_logits, output[1])
+    ctx.params = params
+
+
+def _distillation_loss_autograd(ctx, grad_losses, grad_stats):
+    student_logits, target, teacher_logits, stats = ctx.saved_tensors
+    grad_student = None
+    if ctx.needs_input_grad[0]:
+        grad_student = distillation_loss_backward(
+            grad_losses, student_logits, target, teacher_logits, stats, *ctx.params
+        )
+    return (grad_student, None, None) + (None,) * len(ctx.params)
+
+
+torch.library.register_autograd(
+    "kdfast::distillation_loss_forward",
+    _distillation_loss_autograd,
+    setup_context=_distillation_loss_setup_context,
+)

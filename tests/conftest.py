@@ -1,0 +1,38 @@
+"""Shared fixtures of the kdfast tests: the devices to run on and hypothesis settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+
+def _cuda_kernels_built() -> bool:
+    """True when a CUDA device is usable and kdfast was built with its CUDA kernels."""
+    if not (torch.cuda.is_available() and torch.version.cuda):
+        return False
+    try:
+        import kdfast  # noqa: F401  (registers the ops)
+
+        return torch._C._dispatch_has_kernel_for_dispatch_key("kdfast::distillation_loss_forward", "CUDA")
+    except Exception:  # an import error shows up in the tests themselves
+        return False
+
+
+DEVICES = ["cpu"] + (["cuda"] if _cuda_kernels_built() else [])
+
+
+@pytest.fixture(params=DEVICES, scope="session")
+def device(request) -> str:
+    """Every device kdfast has kernels for (session-scoped so hypothesis tests may use it)."""
+    return request.param
+
+
+settings.register_profile(
+    "kdfast",
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile("kdfast")
