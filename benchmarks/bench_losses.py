@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 CASES = ("ce", "ce_kd", "double")
 IMPLS = ("eager", "kdfast")
@@ -55,12 +55,12 @@ NEG_SCALE = 1.0  # a
 NEG_SHIFT = 0.0  # b
 
 KDFAST_KWARGS = {
-    "ce": dict(hard_weight=1.0),
-    "ce_kd": dict(hard_weight=HARD_WEIGHT_KD, soft_weight=SOFT_WEIGHT_KD, temperature=TEMPERATURE),
-    "double": dict(
-        hard_weight=0.0, double_weight=1.0, negative_weighting="sigmoid",
-        negative_scale=NEG_SCALE, negative_shift=NEG_SHIFT,
-    ),
+    "ce": {"hard_weight": 1.0},
+    "ce_kd": {"hard_weight": HARD_WEIGHT_KD, "soft_weight": SOFT_WEIGHT_KD, "temperature": TEMPERATURE},
+    "double": {
+        "hard_weight": 0.0, "double_weight": 1.0, "negative_weighting": "sigmoid",
+        "negative_scale": NEG_SCALE, "negative_shift": NEG_SHIFT,
+    },
 }
 
 # the goal of issue 2, for the cases that have one: (min speedup, max kdfast/eager peak memory)
@@ -286,12 +286,12 @@ def markdown_section(meta: dict, args: argparse.Namespace, summary: list[dict], 
         "ru_maxrss": "growth of peak RSS over one step (`ru_maxrss` minus `VmRSS` before, in a fresh process)",
     }.get(memory_method, memory_method)
     lines = [
-        f"Device: {meta['device']} · commit `{meta['commit']}` · {meta['date']} · "
-        f"torch {meta['torch']} · kdfast {meta['kdfast']} · Python {meta['python']}",
+        (f"Device: {meta['device']} · commit `{meta['commit']}` · {meta['date']} · "
+         f"torch {meta['torch']} · kdfast {meta['kdfast']} · Python {meta['python']}"),
         "",
-        f"B = {args.batch}, V = {args.classes:,}, float32, forward + backward (gradient of the logits); "
-        f"time = median of {args.repeats} after {args.warmup} warm-up; peak MB = {method}; "
-        "speedup = eager time / kdfast time; mem ratio = kdfast peak / eager peak.",
+        (f"B = {args.batch}, V = {args.classes:,}, float32, forward + backward (gradient of the logits); "
+         f"time = median of {args.repeats} after {args.warmup} warm-up; peak MB = {method}; "
+         "speedup = eager time / kdfast time; mem ratio = kdfast peak / eager peak."),
         "",
         common.markdown_table(HEADERS, table_rows(summary), ALIGN),
     ]

@@ -46,6 +46,7 @@ def _validate(
     double_weight: float,
     temperature: float,
     negative_weighting: str,
+    negative_scale: float,
     label_smoothing: float,
     reduction: str,
 ) -> None:
@@ -71,6 +72,9 @@ def _validate(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if negative_weighting not in NEGATIVE_WEIGHTINGS:
         raise ValueError(f"negative_weighting must be one of {NEGATIVE_WEIGHTINGS}, got {negative_weighting!r}")
+    if double_weight > 0 and negative_weighting == "sigmoid" and not negative_scale > 0:
+        # the paper's a > 0: the weight falls as the teacher's logit grows
+        raise ValueError(f"negative_scale must be > 0, got {negative_scale}")
     if target is not None:
         if target.dtype != torch.int64:
             raise TypeError(f"target must be an int64 tensor of class indices, got dtype {target.dtype}")
@@ -138,7 +142,7 @@ def distillation_loss(
              + double_weight * [LSE(f + log w) - <softmax(s), f>]      (seed 003, eq. 13)
 
     with negative weights ``w = 1 - sigmoid(a * (s - b))`` (``negative_weighting="sigmoid"``,
-    ``a = negative_scale``, ``b = negative_shift``) or ``w = 1 - softmax(s)``
+    ``a = negative_scale > 0``, ``b = negative_shift``) or ``w = 1 - softmax(s)``
     (``"one_minus_prob"``).
 
     Args:
@@ -170,7 +174,7 @@ def distillation_loss(
     label_smoothing = _check_number("label_smoothing", label_smoothing)
     _validate(
         student_logits, target, teacher_logits, hard_weight, soft_weight, double_weight,
-        temperature, negative_weighting, label_smoothing, reduction,
+        temperature, negative_weighting, negative_scale, label_smoothing, reduction,
     )
     if teacher_logits is not None and soft_weight == 0 and double_weight == 0:
         teacher_logits = None  # not needed: skip reading it

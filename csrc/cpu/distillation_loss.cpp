@@ -98,6 +98,16 @@ void store_chunk(const acc_t* src, int64_t n, scalar_t* dst) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(src, dst, n);
 }
 
+// A row's hard label: its target, or none (every row counts once).
+RowTarget dense_row_target(const int64_t* target, int64_t row) {
+  RowTarget t;
+  if (target) {
+    t.positives = target + row;
+    t.num_positives = 1;
+  }
+  return t;
+}
+
 // Per-thread chunk buffers.
 template <typename acc_t>
 struct Scratch {
@@ -147,8 +157,8 @@ std::tuple<at::Tensor, at::Tensor> distillation_loss_forward_cpu(
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc_t> scratch;
       for (int64_t row = begin; row < end; ++row) {
-        const int64_t y = t_data ? t_data[row] : -1;
-        if (t_data && y == cfg.ignore_index) continue;  // contributes nothing
+        if (t_data && t_data[row] == cfg.ignore_index) continue;  // contributes nothing
+        const RowTarget y = dense_row_target(t_data, row);
         const scalar_t* f_row = f_data + row * V;
         const scalar_t* s_row = s_data ? s_data + row * V : nullptr;
         const acc_t lse_s = cfg.needs_teacher_prepass() ? teacher_lse(s_row, V, scratch) : acc_t(0);
@@ -162,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> distillation_loss_forward_cpu(
         }
         acc_t* row_stats = stats_data + row * kNumRowStats;
         acc.finish_stats(cfg, row_stats);
-        loss_data[row] = acc.loss(cfg, row_stats);
+        loss_data[row] = acc.loss(cfg, row_stats, y);
       }
     });
   });
@@ -208,11 +218,11 @@ at::Tensor distillation_loss_backward_cpu(
       Scratch<acc_t> scratch;
       for (int64_t row = begin; row < end; ++row) {
         scalar_t* out_row = grad_data + row * V;
-        const int64_t y = t_data ? t_data[row] : -1;
-        if (t_data && y == cfg.ignore_index) {
+        if (t_data && t_data[row] == cfg.ignore_index) {
           std::fill(out_row, out_row + V, scalar_t(0));
           continue;
         }
+        const RowTarget y = dense_row_target(t_data, row);
         const scalar_t* f_row = f_data + row * V;
         const scalar_t* s_row = s_data ? s_data + row * V : nullptr;
         const acc_t* row_stats = stats_data + row * kNumRowStats;

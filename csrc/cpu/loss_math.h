@@ -68,7 +68,19 @@ struct LossConfig {
     TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
     TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1,
                       "label_smoothing must be in [0, 1], got ", label_smoothing);
+    TORCH_CHECK_VALUE(!(dbl() && negative_weighting == NegativeWeighting::Sigmoid) || negative_scale > 0,
+                      "negative_scale must be > 0, got ", negative_scale);
   }
+};
+
+// The hard labels of one row: `num_positives` class indices (one for an int
+// target, a row's CSR slice for pick-all-labels). The row stands for
+// `multiplicity` expanded rows (its number of positives; 1 without targets),
+// each with the same soft and double terms.
+struct RowTarget {
+  const int64_t* positives = nullptr;
+  int64_t num_positives = 0;
+  int64_t multiplicity = 1;
 };
 
 template <typename acc_t>
@@ -178,13 +190,12 @@ struct RowAccumulator {
   acc_t sum_s = 0;                // sum exp(s - max_s)
   acc_t dot_s = 0;                // sum exp(s - max_s) * f
   acc_t sum_logits = 0;           // sum f (label smoothing)
-  acc_t target_logit = 0;         // f_y
+  acc_t target_logit = 0;         // sum of f_y over the row's positives y
 
   // Feed classes [col0, col0 + n): student logits f, teacher logits s (or null),
-  // log w (filled by log_negative_weights when the double term is on), the row's
-  // target (or any value outside the chunk).
+  // log w (filled by log_negative_weights when the double term is on).
   void update(const LossConfig& cfg, const acc_t* f, const acc_t* s, const acc_t* log_w,
-              int64_t n, int64_t col0, int64_t target) {
+              int64_t n, int64_t col0, const RowTarget& target) {
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(cfg.temperature);
     const bool same_t = cfg.temperature == 1.0;
 
@@ -212,7 +223,10 @@ struct RowAccumulator {
       }
     }
     if (cfg.hard()) {
-      if (target >= col0 && target < col0 + n) target_logit = f[target - col0];
+      for (int64_t p = 0; p < target.num_positives; ++p) {
+        const int64_t y = target.positives[p];
+        if (y >= col0 && y < col0 + n) target_logit += f[y - col0];
+      }
       if (cfg.label_smoothing > 0) {
         sum_logits += chunk_sum<acc_t>(
             n, [&](int64_t i) { return Vec::loadu(f + i); }, [&](int64_t i) { return f[i]; });
@@ -280,22 +294,54 @@ struct RowAccumulator {
     stats[kLseS] = max_s + std::log(sum_s);
   }
 
-  // The row's weighted loss, from its finished stats.
-  acc_t loss(const LossConfig& cfg, const acc_t* stats) const {
+  // Fold in another accumulator of the same row over other classes.
+  void merge(const LossConfig& cfg, const RowAccumulator& o) {
+    const acc_t inv_t = acc_t(1) / static_cast<acc_t>(cfg.temperature);
+    {
+      const acc_t m = std::max(max_f, o.max_f);
+      const acc_t a = rescale_factor(max_f, m), b = rescale_factor(o.max_f, m);
+      const acc_t aT = rescale_factor(max_f, m, inv_t), bT = rescale_factor(o.max_f, m, inv_t);
+      sum_f = sum_f * a + o.sum_f * b;
+      sum_fT = sum_fT * aT + o.sum_fT * bT;
+      max_f = m;
+    }
+    {
+      const acc_t m = std::max(max_s, o.max_s);
+      const acc_t a = rescale_factor(max_s, m), b = rescale_factor(o.max_s, m);
+      const acc_t aT = rescale_factor(max_s, m, inv_t), bT = rescale_factor(o.max_s, m, inv_t);
+      sum_s = sum_s * a + o.sum_s * b;
+      dot_s = dot_s * a + o.dot_s * b;
+      sum_sT = sum_sT * aT + o.sum_sT * bT;
+      dot_sT = dot_sT * aT + o.dot_sT * bT;
+      max_s = m;
+    }
+    {
+      const acc_t m = std::max(max_fw, o.max_fw);
+      sum_fw = sum_fw * rescale_factor(max_fw, m) + o.sum_fw * rescale_factor(o.max_fw, m);
+      max_fw = m;
+    }
+    sum_logits += o.sum_logits;
+    target_logit += o.target_logit;
+  }
+
+  // The row's weighted loss (summed over its `multiplicity` expanded rows), from its
+  // finished stats.
+  acc_t loss(const LossConfig& cfg, const acc_t* stats, const RowTarget& target) const {
     const acc_t T = static_cast<acc_t>(cfg.temperature);
+    const acc_t m = static_cast<acc_t>(target.multiplicity);
     acc_t total = 0;
     if (cfg.hard()) {
       const acc_t eps = static_cast<acc_t>(cfg.label_smoothing);
-      acc_t hard = stats[kLseF] - (acc_t(1) - eps) * target_logit;
-      if (eps > 0) hard -= eps / static_cast<acc_t>(cfg.num_classes) * sum_logits;
+      acc_t hard = m * stats[kLseF] - (acc_t(1) - eps) * target_logit;
+      if (eps > 0) hard -= m * eps / static_cast<acc_t>(cfg.num_classes) * sum_logits;
       total += static_cast<acc_t>(cfg.hard_weight) * hard;
     }
     if (cfg.soft()) {
       const acc_t kl = stats[kLseFT] - stats[kLseST] - dot_sT / sum_sT / T;
-      total += static_cast<acc_t>(cfg.soft_weight) * T * T * kl;
+      total += static_cast<acc_t>(cfg.soft_weight) * T * T * m * kl;
     }
     if (cfg.dbl()) {
-      total += static_cast<acc_t>(cfg.double_weight) * (stats[kLseFW] - dot_s / sum_s);
+      total += static_cast<acc_t>(cfg.double_weight) * m * (stats[kLseFW] - dot_s / sum_s);
     }
     return total;
   }
@@ -326,17 +372,21 @@ struct LogSumExp {
 
 // Gradient of the row's loss for classes [col0, col0 + n), times `scale`
 // (the upstream gradient of the row), written to grad[0..n):
-//   hw (softmax(f) - q_hard) + sw T (softmax(f/T) - softmax(s/T)) + dw (softmax(f + log w) - softmax(s))
+//   m [hw (softmax(f) - eps/V) + sw T (softmax(f/T) - softmax(s/T)) + dw (softmax(f + log w) - softmax(s))]
+//   - hw (1 - eps) at each positive
+// with m the row's multiplicity.
 template <typename acc_t>
 inline void gradient_chunk(const LossConfig& cfg, const acc_t* stats, const acc_t* f, const acc_t* s,
-                           const acc_t* log_w, int64_t n, int64_t col0, int64_t target, acc_t scale,
+                           const acc_t* log_w, int64_t n, int64_t col0, const RowTarget& target, acc_t scale,
                            acc_t* grad) {
   using Vec = at::vec::Vectorized<acc_t>;
   const acc_t inv_t = acc_t(1) / static_cast<acc_t>(cfg.temperature);
-  // per-term coefficients, folded with the upstream gradient
-  const acc_t ch = static_cast<acc_t>(cfg.hard_weight) * scale;
-  const acc_t cs = static_cast<acc_t>(cfg.soft_weight * cfg.temperature) * scale;
-  const acc_t cd = static_cast<acc_t>(cfg.double_weight) * scale;
+  // per-term coefficients, folded with the upstream gradient and the multiplicity
+  const acc_t ch_one = static_cast<acc_t>(cfg.hard_weight) * scale;
+  const acc_t ms = static_cast<acc_t>(target.multiplicity) * scale;
+  const acc_t ch = static_cast<acc_t>(cfg.hard_weight) * ms;
+  const acc_t cs = static_cast<acc_t>(cfg.soft_weight * cfg.temperature) * ms;
+  const acc_t cd = static_cast<acc_t>(cfg.double_weight) * ms;
   const acc_t smooth = cfg.hard() ? ch * static_cast<acc_t>(cfg.label_smoothing / cfg.num_classes) : 0;
   const Vec vch(ch), vcs(cs), vcd(cd), vinv_t(inv_t), vsmooth(smooth);
   const Vec lse_f(stats[kLseF]), lse_ft(stats[kLseFT]), lse_fw(stats[kLseFW]);
@@ -365,8 +415,12 @@ inline void gradient_chunk(const LossConfig& cfg, const acc_t* stats, const acc_
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) vec_grad(i).store(grad + i);
   for (; i < n; ++i) grad[i] = scalar_grad(i);
-  if (hard && target >= col0 && target < col0 + n) {
-    grad[target - col0] -= ch * (acc_t(1) - static_cast<acc_t>(cfg.label_smoothing));
+  if (hard) {
+    const acc_t at_positive = ch_one * (acc_t(1) - static_cast<acc_t>(cfg.label_smoothing));
+    for (int64_t p = 0; p < target.num_positives; ++p) {
+      const int64_t y = target.positives[p];
+      if (y >= col0 && y < col0 + n) grad[y - col0] -= at_positive;
+    }
   }
 }
 

@@ -1,0 +1,56 @@
+# make run   — the main job (experiments/amazon670k.py, or the loss benchmark until it exists)
+# make test  — the test suite, plus an nvcc compile-check of csrc/cuda/*.cu where nvcc exists
+# make bench — the benchmarks
+# Each target first does whatever set-up is missing: a virtual environment in .venv
+# (seeing the system's packages, so a torch already installed there is used), torch 2.13.0
+# unless a torch is importable, and the editable build of kdfast against that torch.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.kdfast-build-stamp
+SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
+NVCC    ?= $(shell command -v nvcc 2>/dev/null)
+CUDA_CHECK_DIR := build/cuda-check
+CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
+
+.PHONY: run test bench install cuda-check clean
+
+$(PY):
+	python3 -m venv --system-site-packages $(VENV)
+
+$(STAMP): $(PY) $(SOURCES)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PY) -c "import setuptools, wheel, ninja" 2>/dev/null || $(PIP) install setuptools wheel ninja
+	$(PIP) install --no-build-isolation -e ".[dev,experiments]"
+	$(PY) -c "import torch, kdfast; print('kdfast', kdfast.__version__, 'built against torch', torch.__version__)"
+	touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	@if [ -f experiments/amazon670k.py ]; then \
+		$(PY) experiments/amazon670k.py; \
+	else \
+		echo "experiments/amazon670k.py does not exist yet: running the loss benchmark"; \
+		$(PY) benchmarks/bench_losses.py; \
+	fi
+
+test: $(STAMP) cuda-check
+	$(PY) -m pytest tests -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_losses.py
+
+# Compile-check every CUDA kernel file with plain nvcc (no GPU, no torch headers needed).
+cuda-check:
+	@files=$$(ls csrc/cuda/*.cu 2>/dev/null); \
+	if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found, skipped"; \
+	elif [ -z "$$files" ]; then echo "cuda-check: no csrc/cuda/*.cu files yet"; \
+	else mkdir -p $(CUDA_CHECK_DIR) && for f in $$files; do \
+		echo "nvcc -c $$f (sm_80, sm_90a)"; \
+		$(NVCC) -std=c++17 -O2 $(CUDA_ARCH_FLAGS) -c $$f -o $(CUDA_CHECK_DIR)/$$(basename $$f .cu).o || exit 1; \
+	done; fi
+
+clean:
+	rm -rf build $(CUDA_CHECK_DIR) kdfast/_C*.so *.egg-info
