@@ -16,6 +16,12 @@ extern "C" PyObject* PyInit__C(void) {
   "str negative_weighting, float negative_scale, float negative_shift, "                 \
   "float label_smoothing, int ignore_index"
 
+// Targets and teacher of the fused linear loss, after the student's tensors.
+#define KDFAST_FUSED_INPUTS                                                              \
+  "Tensor? target, Tensor? target_indptr, Tensor? target_indices, "                      \
+  "Tensor? teacher_logits, Tensor? teacher_hidden, Tensor? teacher_weight, "             \
+  "Tensor? teacher_bias, Tensor? topk_indices, Tensor? topk_logits, Tensor? topk_lse"
+
 TORCH_LIBRARY(kdfast, m) {
   // Dense logits [B, V] -> per-row losses [B] (dtype of the logits) and the per-row
   // statistics [B, 5] the backward recomputes the softmaxes from.
@@ -23,4 +29,19 @@ TORCH_LIBRARY(kdfast, m) {
         KDFAST_LOSS_ARGS ") -> (Tensor, Tensor)");
   m.def("distillation_loss_backward(Tensor grad_losses, Tensor student_logits, Tensor? target, "
         "Tensor? teacher_logits, Tensor stats, " KDFAST_LOSS_ARGS ") -> Tensor");
+
+  // The student's last linear layer and the loss in one op: hidden [B, d] and
+  // weight [V, d] (+ bias [V]) in, per-row losses [B] and statistics [B, 5] out.
+  // Targets: an int target [B], or CSR positives (target_indptr [B+1],
+  // target_indices) for pick-all-labels. Teacher: dense logits [B, V], or
+  // hidden [B, d_t] + weight [V, d_t] (+ bias) computed tile by tile, or a
+  // stored top-k (indices [B, k], logits [B, k], lse [B]). tile_size 0 picks
+  // the class tile from B and a memory budget; filter_eps is read by the
+  // backward only (0: exact, no gradient filtering).
+  m.def("fused_linear_loss_forward(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, "
+        KDFAST_FUSED_INPUTS ", " KDFAST_LOSS_ARGS ", int tile_size, float filter_eps) -> (Tensor, Tensor)");
+  // -> grad_hidden [B, d], grad_weight [V, d], grad_bias [V] ([0] without a bias)
+  m.def("fused_linear_loss_backward(Tensor grad_losses, Tensor student_hidden, Tensor student_weight, "
+        "Tensor? student_bias, " KDFAST_FUSED_INPUTS ", Tensor stats, " KDFAST_LOSS_ARGS
+        ", int tile_size, float filter_eps) -> (Tensor, Tensor, Tensor)");
 }

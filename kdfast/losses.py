@@ -37,10 +37,7 @@ def _check_number(name: str, value: Any) -> float:
     return float(value)
 
 
-def _validate(
-    student_logits: Tensor,
-    target: Tensor | None,
-    teacher_logits: Tensor | None,
+def _check_loss_keywords(
     hard_weight: float,
     soft_weight: float,
     double_weight: float,
@@ -50,15 +47,7 @@ def _validate(
     label_smoothing: float,
     reduction: str,
 ) -> None:
-    """Everything that can be checked from shapes, dtypes and arguments alone
-    (so it also runs under ``torch.compile``); target values are checked by the kernel."""
-    if not student_logits.is_floating_point():
-        raise TypeError(f"student_logits must be a floating-point tensor, got dtype {student_logits.dtype}")
-    if student_logits.dim() != 2:
-        raise ValueError(f"student_logits must have shape [B, V], got {tuple(student_logits.shape)}")
-    B, V = student_logits.shape
-    if V == 0:
-        raise ValueError("student_logits must have at least one class (V = 0)")
+    """The loss keywords shared by every loss function."""
     for name, w in (("hard_weight", hard_weight), ("soft_weight", soft_weight), ("double_weight", double_weight)):
         if not w >= 0:  # also rejects NaN
             raise ValueError(f"{name} must be >= 0, got {w}")
@@ -75,13 +64,36 @@ def _validate(
     if double_weight > 0 and negative_weighting == "sigmoid" and not negative_scale > 0:
         # the paper's a > 0: the weight falls as the teacher's logit grows
         raise ValueError(f"negative_scale must be > 0, got {negative_scale}")
+
+
+def _check_int_target(target: Tensor, B: int, device: torch.device, against: str) -> None:
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must be an int64 tensor of class indices, got dtype {target.dtype}")
+    if target.shape != (B,):
+        raise ValueError(f"target must have shape [B] = [{B}], got {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but {against} is on {device}")
+
+
+def _validate(
+    student_logits: Tensor,
+    target: Tensor | None,
+    teacher_logits: Tensor | None,
+    hard_weight: float,
+    soft_weight: float,
+    double_weight: float,
+) -> None:
+    """Everything that can be checked from shapes and dtypes alone (so it also runs
+    under ``torch.compile``); target values are checked by the kernel."""
+    if not student_logits.is_floating_point():
+        raise TypeError(f"student_logits must be a floating-point tensor, got dtype {student_logits.dtype}")
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must have shape [B, V], got {tuple(student_logits.shape)}")
+    B, V = student_logits.shape
+    if V == 0:
+        raise ValueError("student_logits must have at least one class (V = 0)")
     if target is not None:
-        if target.dtype != torch.int64:
-            raise TypeError(f"target must be an int64 tensor of class indices, got dtype {target.dtype}")
-        if target.shape != (B,):
-            raise ValueError(f"target must have shape [B] = [{B}], got {tuple(target.shape)}")
-        if target.device != student_logits.device:
-            raise ValueError(f"target is on {target.device} but student_logits is on {student_logits.device}")
+        _check_int_target(target, B, student_logits.device, "student_logits")
     elif hard_weight > 0:
         raise ValueError(f"hard_weight={hard_weight} needs target (hard labels); pass target or set hard_weight=0")
     if teacher_logits is not None:
@@ -172,10 +184,11 @@ def distillation_loss(
     negative_scale = _check_number("negative_scale", negative_scale)
     negative_shift = _check_number("negative_shift", negative_shift)
     label_smoothing = _check_number("label_smoothing", label_smoothing)
-    _validate(
-        student_logits, target, teacher_logits, hard_weight, soft_weight, double_weight,
-        temperature, negative_weighting, negative_scale, label_smoothing, reduction,
+    _check_loss_keywords(
+        hard_weight, soft_weight, double_weight, temperature, negative_weighting, negative_scale,
+        label_smoothing, reduction,
     )
+    _validate(student_logits, target, teacher_logits, hard_weight, soft_weight, double_weight)
     if teacher_logits is not None and soft_weight == 0 and double_weight == 0:
         teacher_logits = None  # not needed: skip reading it
     losses, _ = ops.distillation_loss_forward(

@@ -14,7 +14,13 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loading the extension registers the ops)
 
-__all__ = ["NUM_ROW_STATS", "distillation_loss_forward", "distillation_loss_backward"]
+__all__ = [
+    "NUM_ROW_STATS",
+    "distillation_loss_forward",
+    "distillation_loss_backward",
+    "fused_linear_loss_forward",
+    "fused_linear_loss_backward",
+]
 
 # Per-row statistics saved by the forward for the backward; keep in sync with
 # csrc/cpu/loss_math.h (RowStat): lse(f), lse(f/T), lse(f + log w), lse(s/T), lse(s).
@@ -105,4 +111,74 @@ torch.library.register_autograd(
     "kdfast::distillation_loss_forward",
     _distillation_loss_autograd,
     setup_context=_distillation_loss_setup_context,
+)
+
+
+# ---------------------------------------------------------------------------
+# fused_linear_loss: hidden [B, d] @ weight[V, d]^T (+ bias) and the loss, one op.
+# Inputs after the student's: the 10 optional target/teacher tensors
+# (target, target_indptr, target_indices, teacher_logits, teacher_hidden,
+#  teacher_weight, teacher_bias, topk_indices, topk_logits, topk_lse), then the
+# 9 loss keywords, tile_size and filter_eps.
+# ---------------------------------------------------------------------------
+FUSED_OPTIONAL_INPUTS = (
+    "target", "target_indptr", "target_indices", "teacher_logits", "teacher_hidden",
+    "teacher_weight", "teacher_bias", "topk_indices", "topk_logits", "topk_lse",
+)
+
+
+def fused_linear_loss_forward(
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None, *rest
+) -> tuple[Tensor, Tensor]:
+    """Per-row losses ``[B]`` and row statistics ``[B, 5]``; ``rest`` as in the schema."""
+    return torch.ops.kdfast.fused_linear_loss_forward.default(student_hidden, student_weight, student_bias, *rest)
+
+
+def fused_linear_loss_backward(grad_losses: Tensor, *inputs) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_hidden, grad_weight, grad_bias)``; ``grad_bias`` is empty without a bias."""
+    return torch.ops.kdfast.fused_linear_loss_backward.default(grad_losses, *inputs)
+
+
+@torch.library.register_fake("kdfast::fused_linear_loss_forward")
+def _fused_linear_loss_forward_fake(student_hidden, student_weight, *rest):
+    B = student_hidden.shape[0]
+    losses = student_hidden.new_empty((B,))
+    stats = student_hidden.new_empty((B, NUM_ROW_STATS), dtype=stats_dtype(student_hidden.dtype))
+    return losses, stats
+
+
+@torch.library.register_fake("kdfast::fused_linear_loss_backward")
+def _fused_linear_loss_backward_fake(grad_losses, student_hidden, student_weight, student_bias, *rest):
+    grad_hidden = torch.empty_like(student_hidden, memory_format=torch.contiguous_format)
+    grad_weight = torch.empty_like(student_weight, memory_format=torch.contiguous_format)
+    if student_bias is None:
+        grad_bias = student_hidden.new_empty((0,))
+    else:
+        grad_bias = torch.empty_like(student_bias, memory_format=torch.contiguous_format)
+    return grad_hidden, grad_weight, grad_bias
+
+
+_NUM_FUSED_TENSORS = 3 + len(FUSED_OPTIONAL_INPUTS)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    tensors = inputs[:_NUM_FUSED_TENSORS]
+    ctx.save_for_backward(*tensors, output[1])
+    ctx.params = inputs[_NUM_FUSED_TENSORS:]
+
+
+def _fused_autograd(ctx, grad_losses, grad_stats):
+    *tensors, stats = ctx.saved_tensors
+    grad_hidden, grad_weight, grad_bias = fused_linear_loss_backward(grad_losses, *tensors, stats, *ctx.params)
+    has_bias = tensors[2] is not None
+    grads = [
+        grad_hidden if ctx.needs_input_grad[0] else None,
+        grad_weight if ctx.needs_input_grad[1] else None,
+        grad_bias if has_bias and ctx.needs_input_grad[2] else None,
+    ]
+    return tuple(grads) + (None,) * (len(tensors) - 3 + len(ctx.params))
+
+
+torch.library.register_autograd(
+    "kdfast::fused_linear_loss_forward", _fused_autograd, setup_context=_fused_setup_context
 )

@@ -9,28 +9,11 @@
 #include <optional>
 #include <vector>
 
+#include "kernel_utils.h"
 #include "loss_math.h"
 
 namespace kdfast::cpu {
 namespace {
-
-LossConfig make_config(double hard_weight, double soft_weight, double double_weight, double temperature,
-                       const std::string& negative_weighting, double negative_scale, double negative_shift,
-                       double label_smoothing, int64_t ignore_index, int64_t num_classes) {
-  LossConfig cfg;
-  cfg.hard_weight = hard_weight;
-  cfg.soft_weight = soft_weight;
-  cfg.double_weight = double_weight;
-  cfg.temperature = temperature;
-  cfg.negative_weighting = parse_negative_weighting(negative_weighting);
-  cfg.negative_scale = negative_scale;
-  cfg.negative_shift = negative_shift;
-  cfg.label_smoothing = label_smoothing;
-  cfg.ignore_index = ignore_index;
-  cfg.num_classes = num_classes;
-  cfg.check();
-  return cfg;
-}
 
 // Shape, dtype and value checks of the op's tensors; every message names the argument.
 void check_inputs(const LossConfig& cfg, const at::Tensor& student, const std::optional<at::Tensor>& target,
@@ -59,53 +42,6 @@ void check_inputs(const LossConfig& cfg, const at::Tensor& student, const std::o
   } else {
     TORCH_CHECK_VALUE(!cfg.needs_teacher(), "soft_weight > 0 or double_weight > 0 needs teacher_logits");
   }
-}
-
-// Rows whose target is ignore_index are skipped; any other target must be a class.
-void check_target_values(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
-  const int64_t* t = target.data_ptr<int64_t>();
-  for (int64_t i = 0; i < target.numel(); ++i) {
-    TORCH_CHECK_VALUE(t[i] == ignore_index || (t[i] >= 0 && t[i] < num_classes), "target[", i, "] = ", t[i],
-                      " is outside [0, ", num_classes, ") and is not ignore_index (", ignore_index, ")");
-  }
-}
-
-// A chunk of a row in acc_t: the row's own memory when the dtypes agree, else a
-// converted copy in `buffer`.
-template <typename scalar_t, typename acc_t>
-const acc_t* load_chunk(const scalar_t* src, int64_t n, acc_t* buffer) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    at::vec::convert(src, buffer, n);
-    return buffer;
-  }
-}
-
-// Where to compute a chunk of output in acc_t: the output itself when the dtypes
-// agree, else `buffer`, then converted by store_chunk.
-template <typename scalar_t, typename acc_t>
-acc_t* store_buffer(scalar_t* dst, acc_t* buffer) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return dst;
-  } else {
-    return buffer;
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void store_chunk(const acc_t* src, int64_t n, scalar_t* dst) {
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(src, dst, n);
-}
-
-// A row's hard label: its target, or none (every row counts once).
-RowTarget dense_row_target(const int64_t* target, int64_t row) {
-  RowTarget t;
-  if (target) {
-    t.positives = target + row;
-    t.num_positives = 1;
-  }
-  return t;
 }
 
 // Per-thread chunk buffers.
@@ -151,14 +87,16 @@ std::tuple<at::Tensor, at::Tensor> distillation_loss_forward_cpu(
     const LossConfig cfg = cfg0;
     const scalar_t* f_data = f_all.data_ptr<scalar_t>();
     const scalar_t* s_data = s_all.defined() ? s_all.data_ptr<scalar_t>() : nullptr;
-    const int64_t* t_data = t_all.defined() ? t_all.data_ptr<int64_t>() : nullptr;
+    BatchTargets targets;
+    targets.target = t_all.defined() ? t_all.data_ptr<int64_t>() : nullptr;
+    targets.ignore_index = cfg.ignore_index;
     acc_t* loss_data = losses.data_ptr<acc_t>();
     acc_t* stats_data = stats.data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       Scratch<acc_t> scratch;
       for (int64_t row = begin; row < end; ++row) {
-        if (t_data && t_data[row] == cfg.ignore_index) continue;  // contributes nothing
-        const RowTarget y = dense_row_target(t_data, row);
+        RowTarget y;
+        if (!targets.row(row, y)) continue;  // an ignored row contributes nothing
         const scalar_t* f_row = f_data + row * V;
         const scalar_t* s_row = s_data ? s_data + row * V : nullptr;
         const acc_t lse_s = cfg.needs_teacher_prepass() ? teacher_lse(s_row, V, scratch) : acc_t(0);
@@ -210,7 +148,9 @@ at::Tensor distillation_loss_backward_cpu(
     const LossConfig cfg = cfg0;
     const scalar_t* f_data = f_all.data_ptr<scalar_t>();
     const scalar_t* s_data = s_all.defined() ? s_all.data_ptr<scalar_t>() : nullptr;
-    const int64_t* t_data = t_all.defined() ? t_all.data_ptr<int64_t>() : nullptr;
+    BatchTargets targets;
+    targets.target = t_all.defined() ? t_all.data_ptr<int64_t>() : nullptr;
+    targets.ignore_index = cfg.ignore_index;
     const acc_t* g_data = g_all.data_ptr<acc_t>();
     const acc_t* stats_data = st_all.data_ptr<acc_t>();
     scalar_t* grad_data = grad.data_ptr<scalar_t>();
@@ -218,11 +158,11 @@ at::Tensor distillation_loss_backward_cpu(
       Scratch<acc_t> scratch;
       for (int64_t row = begin; row < end; ++row) {
         scalar_t* out_row = grad_data + row * V;
-        if (t_data && t_data[row] == cfg.ignore_index) {
+        RowTarget y;
+        if (!targets.row(row, y)) {
           std::fill(out_row, out_row + V, scalar_t(0));
           continue;
         }
-        const RowTarget y = dense_row_target(t_data, row);
         const scalar_t* f_row = f_data + row * V;
         const scalar_t* s_row = s_data ? s_data + row * V : nullptr;
         const acc_t* row_stats = stats_data + row * kNumRowStats;

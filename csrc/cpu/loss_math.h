@@ -83,6 +83,31 @@ struct RowTarget {
   int64_t multiplicity = 1;
 };
 
+// The hard labels of a batch: an int target [B] (rows equal to ignore_index are
+// skipped), a CSR list of positives per row (rows without positives are skipped;
+// pick-all-labels), or none (every row counts once).
+struct BatchTargets {
+  const int64_t* target = nullptr;
+  const int64_t* indptr = nullptr;
+  const int64_t* indices = nullptr;
+  int64_t ignore_index = -100;
+
+  // False when the row contributes nothing.
+  bool row(int64_t i, RowTarget& out) const {
+    if (indptr) {
+      const int64_t begin = indptr[i], end = indptr[i + 1];
+      out = RowTarget{indices + begin, end - begin, end - begin};
+      return end > begin;
+    }
+    if (target) {
+      out = RowTarget{target + i, 1, 1};
+      return target[i] != ignore_index;
+    }
+    out = RowTarget{};
+    return true;
+  }
+};
+
 template <typename acc_t>
 constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
@@ -366,6 +391,11 @@ struct LogSumExp {
     sum += chunk_sum<acc_t>(
         n, [&](int64_t i) { return (Vec::loadu(x + i) - vshift).exp(); },
         [&](int64_t i) { return std::exp(x[i] - shift); });
+  }
+  void merge(const LogSumExp& o) {
+    const acc_t m = std::max(max, o.max);
+    sum = sum * rescale_factor(max, m) + o.sum * rescale_factor(o.max, m);
+    max = m;
   }
   acc_t value() const { return max + std::log(sum); }
 };

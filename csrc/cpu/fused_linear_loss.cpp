@@ -1,0 +1,514 @@
+// CPU kernels of the fused linear distillation loss: the student's last linear
+// layer and the whole loss in one op, never a [B, V] tensor.
+//
+// Classes are cut into tiles; threads take contiguous runs of tiles. For each
+// tile the student logits F = H W_tile^T + b (and the teacher's, for an
+// on-the-fly or top-k teacher) are made by one GEMM into a per-thread [B, tile]
+// buffer and folded at once into per-thread row accumulators (loss_math.h),
+// which are merged at the end. The backward recomputes each tile, forms
+// G = dL/dF from the saved row statistics, and accumulates
+// grad_hidden += G W_tile and grad_weight[tile] = G^T H; a tile whose every
+// |G| entry is below filter_eps (times the row's upstream gradient) is skipped.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "kernel_utils.h"
+#include "loss_math.h"
+
+namespace kdfast::cpu {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+enum class TeacherKind { None, Dense, Linear, TopK };
+
+// The op's tensors, checked, contiguous, with the small ones in acc dtype.
+struct FusedInputs {
+  int64_t B = 0, V = 0, d = 0;
+  at::ScalarType acc_type = at::kFloat;
+  at::Tensor hidden;          // [B, d] acc
+  at::Tensor weight;          // [V, d] input dtype
+  at::Tensor bias;            // [V] acc or undefined
+  at::Tensor target, indptr, indices;
+  TeacherKind teacher = TeacherKind::None;
+  at::Tensor teacher_logits;  // [B, V] input dtype
+  at::Tensor teacher_hidden;  // [B, d_t] acc
+  at::Tensor teacher_weight;  // [V, d_t] input dtype
+  at::Tensor teacher_bias;    // [V] acc or undefined
+  at::Tensor topk_indices;    // [B, k] int64
+  at::Tensor topk_logits;     // [B, k] acc
+  at::Tensor topk_lse;        // [B] acc
+
+  BatchTargets targets(int64_t ignore_index) const {
+    BatchTargets t;
+    t.target = target.defined() ? target.data_ptr<int64_t>() : nullptr;
+    t.indptr = indptr.defined() ? indptr.data_ptr<int64_t>() : nullptr;
+    t.indices = indices.defined() ? indices.data_ptr<int64_t>() : nullptr;
+    t.ignore_index = ignore_index;
+    return t;
+  }
+};
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), " but student_hidden is on ",
+                    ref.device());
+}
+
+void check_bias(const at::Tensor& bias, const char* name, int64_t V, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == V, name, " must have shape [", V, "], got ", bias.sizes());
+  TORCH_CHECK_TYPE(bias.scalar_type() == ref.scalar_type(), name, " has dtype ", bias.scalar_type(),
+                   " but student_hidden has ", ref.scalar_type());
+  check_same_device(bias, name, ref);
+}
+
+void check_csr_targets(const at::Tensor& indptr, const at::Tensor& indices, int64_t B, int64_t V) {
+  const int64_t* p = indptr.data_ptr<int64_t>();
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(p[0] == 0, "target.indptr[0] must be 0, got ", p[0]);
+  TORCH_CHECK_VALUE(p[B] == indices.numel(), "target.indptr[-1] = ", p[B], " but target.indices has ",
+                    indices.numel(), " entries");
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK_VALUE(p[i + 1] >= p[i], "target.indptr must be non-decreasing; indptr[", i + 1, "] = ", p[i + 1],
+                      " < indptr[", i, "] = ", p[i]);
+    for (int64_t j = p[i]; j < p[i + 1]; ++j) {
+      TORCH_CHECK_VALUE(idx[j] >= 0 && idx[j] < V, "target.indices[", j, "] = ", idx[j], " (row ", i,
+                        ") is outside [0, ", V, ")");
+      TORCH_CHECK_VALUE(j == p[i] || idx[j] >= idx[j - 1], "target.indices of row ", i,
+                        " must be sorted ascending; got ", idx[j - 1], " before ", idx[j]);
+    }
+  }
+}
+
+void check_topk_indices(const at::Tensor& indices, int64_t V) {
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  const int64_t k = indices.size(1);
+  for (int64_t j = 0; j < indices.numel(); ++j) {
+    TORCH_CHECK_VALUE(idx[j] >= 0 && idx[j] < V, "teacher_topk.indices[", j / k, ", ", j % k, "] = ", idx[j],
+                      " is outside [0, ", V, ")");
+  }
+}
+
+FusedInputs prepare_inputs(const LossConfig& cfg, const at::Tensor& hidden, const at::Tensor& weight,
+                           const OptTensor& bias, const OptTensor& target, const OptTensor& target_indptr,
+                           const OptTensor& target_indices, const OptTensor& teacher_logits,
+                           const OptTensor& teacher_hidden, const OptTensor& teacher_weight,
+                           const OptTensor& teacher_bias, const OptTensor& topk_indices,
+                           const OptTensor& topk_logits, const OptTensor& topk_lse) {
+  FusedInputs in;
+  TORCH_CHECK_TYPE(at::isFloatingType(hidden.scalar_type()), "student_hidden must be a floating-point tensor, got ",
+                   hidden.scalar_type());
+  TORCH_CHECK_VALUE(hidden.dim() == 2, "student_hidden must have shape [B, d], got ", hidden.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "student_weight must have shape [V, d], got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), "student_weight has dtype ", weight.scalar_type(),
+                   " but student_hidden has ", hidden.scalar_type());
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), "student_weight has d = ", weight.size(1),
+                    " but student_hidden has d = ", hidden.size(1));
+  check_same_device(weight, "student_weight", hidden);
+  in.B = hidden.size(0);
+  in.V = weight.size(0);
+  in.d = hidden.size(1);
+  TORCH_CHECK_VALUE(in.V > 0, "student_weight must have at least one class (V = 0)");
+  TORCH_CHECK_VALUE(cfg.num_classes == in.V, "internal: num_classes mismatch");
+  in.acc_type = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  in.hidden = hidden.to(in.acc_type).contiguous();
+  in.weight = weight.contiguous();
+  if (bias.has_value()) {
+    check_bias(*bias, "student_bias", in.V, hidden);
+    in.bias = bias->to(in.acc_type).contiguous();
+  }
+
+  TORCH_CHECK_VALUE(!(target.has_value() && target_indptr.has_value()),
+                    "pass either an int target or a MultiTarget, not both");
+  TORCH_CHECK_VALUE(target_indptr.has_value() == target_indices.has_value(),
+                    "a MultiTarget needs both indptr and indices");
+  if (target.has_value()) {
+    TORCH_CHECK_TYPE(target->scalar_type() == at::kLong, "target must be int64, got ", target->scalar_type());
+    TORCH_CHECK_VALUE(target->dim() == 1 && target->size(0) == in.B, "target must have shape [", in.B, "], got ",
+                      target->sizes());
+    check_same_device(*target, "target", hidden);
+    in.target = target->contiguous();
+    check_target_values(in.target, in.V, cfg.ignore_index);
+  } else if (target_indptr.has_value()) {
+    TORCH_CHECK_TYPE(target_indptr->scalar_type() == at::kLong && target_indices->scalar_type() == at::kLong,
+                     "target.indptr and target.indices must be int64");
+    TORCH_CHECK_VALUE(target_indptr->dim() == 1 && target_indptr->size(0) == in.B + 1,
+                      "target.indptr must have shape [B + 1] = [", in.B + 1, "], got ", target_indptr->sizes());
+    TORCH_CHECK_VALUE(target_indices->dim() == 1, "target.indices must be 1-D, got ", target_indices->sizes());
+    check_same_device(*target_indptr, "target.indptr", hidden);
+    check_same_device(*target_indices, "target.indices", hidden);
+    in.indptr = target_indptr->contiguous();
+    in.indices = target_indices->contiguous();
+    check_csr_targets(in.indptr, in.indices, in.B, in.V);
+  } else {
+    TORCH_CHECK_VALUE(!cfg.hard(), "hard_weight > 0 needs target");
+  }
+
+  const int forms = int(teacher_logits.has_value()) + int(teacher_hidden.has_value() || teacher_weight.has_value()) +
+                    int(topk_indices.has_value());
+  TORCH_CHECK_VALUE(forms <= 1, "give the teacher in one form only: teacher_logits, "
+                                "teacher_hidden + teacher_weight, or teacher_topk");
+  if (!cfg.needs_teacher()) return in;  // a teacher that no term reads is not read
+  TORCH_CHECK_VALUE(forms == 1, "soft_weight > 0 or double_weight > 0 needs a teacher: teacher_logits, "
+                                "teacher_hidden + teacher_weight, or teacher_topk");
+  if (teacher_logits.has_value()) {
+    in.teacher = TeacherKind::Dense;
+    TORCH_CHECK_TYPE(teacher_logits->scalar_type() == hidden.scalar_type(), "teacher_logits has dtype ",
+                     teacher_logits->scalar_type(), " but student_hidden has ", hidden.scalar_type());
+    TORCH_CHECK_VALUE(teacher_logits->dim() == 2 && teacher_logits->size(0) == in.B &&
+                          teacher_logits->size(1) == in.V,
+                      "teacher_logits must have shape [B, V] = [", in.B, ", ", in.V, "], got ",
+                      teacher_logits->sizes());
+    check_same_device(*teacher_logits, "teacher_logits", hidden);
+    in.teacher_logits = teacher_logits->contiguous();
+  } else if (teacher_hidden.has_value() || teacher_weight.has_value()) {
+    in.teacher = TeacherKind::Linear;
+    TORCH_CHECK_VALUE(teacher_hidden.has_value() && teacher_weight.has_value(),
+                      "an on-the-fly teacher needs both teacher_hidden and teacher_weight");
+    TORCH_CHECK_TYPE(teacher_hidden->scalar_type() == hidden.scalar_type() &&
+                         teacher_weight->scalar_type() == hidden.scalar_type(),
+                     "teacher_hidden and teacher_weight must have the dtype of student_hidden (",
+                     hidden.scalar_type(), "), got ", teacher_hidden->scalar_type(), " and ",
+                     teacher_weight->scalar_type());
+    TORCH_CHECK_VALUE(teacher_hidden->dim() == 2 && teacher_hidden->size(0) == in.B,
+                      "teacher_hidden must have shape [B, d_t] with B = ", in.B, ", got ", teacher_hidden->sizes());
+    TORCH_CHECK_VALUE(teacher_weight->dim() == 2 && teacher_weight->size(0) == in.V &&
+                          teacher_weight->size(1) == teacher_hidden->size(1),
+                      "teacher_weight must have shape [V, d_t] = [", in.V, ", ", teacher_hidden->size(1),
+                      "], got ", teacher_weight->sizes());
+    check_same_device(*teacher_hidden, "teacher_hidden", hidden);
+    check_same_device(*teacher_weight, "teacher_weight", hidden);
+    in.teacher_hidden = teacher_hidden->to(in.acc_type).contiguous();
+    in.teacher_weight = teacher_weight->contiguous();
+    if (teacher_bias.has_value()) {
+      check_bias(*teacher_bias, "teacher_bias", in.V, hidden);
+      in.teacher_bias = teacher_bias->to(in.acc_type).contiguous();
+    }
+  } else {
+    in.teacher = TeacherKind::TopK;
+    TORCH_CHECK_VALUE(topk_logits.has_value() && topk_lse.has_value(),
+                      "teacher_topk needs indices, logits and lse");
+    TORCH_CHECK_TYPE(topk_indices->scalar_type() == at::kLong, "teacher_topk.indices must be int64, got ",
+                     topk_indices->scalar_type());
+    TORCH_CHECK_TYPE(at::isFloatingType(topk_logits->scalar_type()) && at::isFloatingType(topk_lse->scalar_type()),
+                     "teacher_topk.logits and teacher_topk.lse must be floating point");
+    TORCH_CHECK_VALUE(topk_indices->dim() == 2 && topk_indices->size(0) == in.B,
+                      "teacher_topk.indices must have shape [B, k] with B = ", in.B, ", got ",
+                      topk_indices->sizes());
+    TORCH_CHECK_VALUE(topk_indices->size(1) <= in.V, "teacher_topk has k = ", topk_indices->size(1),
+                      " > V = ", in.V);
+    TORCH_CHECK_VALUE(topk_logits->sizes() == topk_indices->sizes(), "teacher_topk.logits must have shape ",
+                      topk_indices->sizes(), ", got ", topk_logits->sizes());
+    TORCH_CHECK_VALUE(topk_lse->dim() == 1 && topk_lse->size(0) == in.B, "teacher_topk.lse must have shape [",
+                      in.B, "], got ", topk_lse->sizes());
+    check_same_device(*topk_indices, "teacher_topk.indices", hidden);
+    check_same_device(*topk_logits, "teacher_topk.logits", hidden);
+    check_same_device(*topk_lse, "teacher_topk.lse", hidden);
+    in.topk_indices = topk_indices->contiguous();
+    check_topk_indices(in.topk_indices, in.V);
+    in.topk_logits = topk_logits->to(in.acc_type).contiguous();
+    in.topk_lse = topk_lse->to(in.acc_type).contiguous();
+  }
+  return in;
+}
+
+// Class tile size: the per-thread [B, tile] buffers (student and teacher logits,
+// gradient) in about 4 MiB, a multiple of 64 between 64 and 8192.
+int64_t choose_tile(int64_t requested, int64_t B, int64_t V) {
+  int64_t tile = requested;
+  if (tile <= 0) {
+    const int64_t budget_bytes = int64_t(4) << 20;
+    tile = budget_bytes / (std::max<int64_t>(B, 1) * 3 * 4);
+    tile = std::clamp<int64_t>(tile / 64 * 64, 64, 8192);
+  }
+  return std::min(tile, V);
+}
+
+// out[B, n] = x W[c0:c0+n]^T + b[c0:c0+n] in acc dtype; `w_buffer` holds the
+// weight tile converted to acc dtype when the weights are in a lower precision.
+void linear_tile(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t c0, int64_t n,
+                 at::Tensor& w_buffer, const at::Tensor& out) {
+  at::Tensor w = weight.narrow(0, c0, n);
+  if (w.scalar_type() != x.scalar_type()) {
+    at::Tensor converted = w_buffer.view(-1).narrow(0, 0, n * weight.size(1)).view({n, weight.size(1)});
+    converted.copy_(w);
+    w = converted;
+  }
+  if (bias.defined()) {
+    at::addmm_out(const_cast<at::Tensor&>(out), bias.narrow(0, c0, n), x, w.t());
+  } else {
+    at::mm_out(const_cast<at::Tensor&>(out), x, w.t());
+  }
+}
+
+// A contiguous [rows, n] view of the first rows * n elements of a flat buffer.
+at::Tensor tile_view(const at::Tensor& buffer, int64_t rows, int64_t n) {
+  return buffer.narrow(0, 0, rows * n).view({rows, n});
+}
+
+// Per-thread tile buffers for the student and teacher logits of a tile.
+struct TileBuffers {
+  at::Tensor f, s, w, wt, log_w;
+  TileBuffers(const FusedInputs& in, int64_t tile) {
+    const auto opts = in.hidden.options();
+    f = at::empty({in.B * tile}, opts);
+    if (in.teacher != TeacherKind::None) s = at::empty({in.B * tile}, opts);
+    if (in.weight.scalar_type() != in.acc_type) w = at::empty({tile * in.d}, opts);
+    if (in.teacher == TeacherKind::Linear && in.teacher_weight.scalar_type() != in.acc_type) {
+      wt = at::empty({tile * in.teacher_weight.size(1)}, opts);
+    }
+    log_w = at::empty({tile}, opts);
+  }
+};
+
+// Teacher logits of classes [c0, c0 + n) into the buffer s as [B, n].
+void teacher_tile(const FusedInputs& in, int64_t c0, int64_t n, TileBuffers& buf) {
+  const at::Tensor s = tile_view(buf.s, in.B, n);
+  switch (in.teacher) {
+    case TeacherKind::Dense:
+      s.copy_(in.teacher_logits.narrow(1, c0, n));
+      break;
+    case TeacherKind::Linear:
+      linear_tile(in.teacher_hidden, in.teacher_weight, in.teacher_bias, c0, n, buf.wt, s);
+      break;
+    case TeacherKind::TopK: {
+      // the stored logits at their classes, -inf elsewhere: softmax over the tile's
+      // top-k entries (renormalized over k), weight 1 outside
+      s.fill_(-std::numeric_limits<double>::infinity());
+      const int64_t k = in.topk_indices.size(1);
+      const int64_t* idx = in.topk_indices.data_ptr<int64_t>();
+      AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "topk_tile", [&] {
+        const scalar_t* logits = in.topk_logits.data_ptr<scalar_t>();
+        scalar_t* out = s.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < in.B; ++i) {
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t c = idx[i * k + j];
+            if (c >= c0 && c < c0 + n) out[i * n + (c - c0)] = logits[i * k + j];
+          }
+        }
+      });
+      break;
+    }
+    case TeacherKind::None:
+      break;
+  }
+}
+
+// log w needs LSE(s) over all classes for one_minus_prob weights: stored with a
+// top-k teacher, else one pass of teacher tiles before the main pass.
+template <typename acc_t>
+std::vector<acc_t> teacher_log_partition(const LossConfig& cfg, const FusedInputs& in, int64_t tile) {
+  std::vector<acc_t> lse(in.B, acc_t(0));
+  if (!cfg.needs_teacher_prepass()) return lse;
+  if (in.teacher == TeacherKind::TopK) {
+    std::copy(in.topk_lse.data_ptr<acc_t>(), in.topk_lse.data_ptr<acc_t>() + in.B, lse.begin());
+    return lse;
+  }
+  const int64_t num_tiles = (in.V + tile - 1) / tile;
+  std::vector<LogSumExp<acc_t>> total(in.B);
+  std::mutex mutex;
+  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again in each worker
+    TileBuffers buf(in, tile);
+    std::vector<LogSumExp<acc_t>> part(in.B);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = t * tile, n = std::min(tile, in.V - c0);
+      teacher_tile(in, c0, n, buf);
+      const acc_t* s = buf.s.data_ptr<acc_t>();
+      for (int64_t i = 0; i < in.B; ++i) part[i].update(s + i * n, n);
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    for (int64_t i = 0; i < in.B; ++i) total[i].merge(part[i]);
+  });
+  for (int64_t i = 0; i < in.B; ++i) lse[i] = total[i].value();
+  return lse;
+}
+
+template <typename acc_t>
+void forward_kernel(const LossConfig& cfg, const FusedInputs& in, int64_t tile, at::Tensor& losses,
+                    at::Tensor& stats) {
+  const BatchTargets targets = in.targets(cfg.ignore_index);
+  const std::vector<acc_t> lse_s = teacher_log_partition<acc_t>(cfg, in, tile);
+  const int64_t num_tiles = (in.V + tile - 1) / tile;
+  std::vector<RowAccumulator<acc_t>> total(in.B);
+  std::mutex mutex;
+  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again in each worker
+    TileBuffers buf(in, tile);
+    std::vector<RowAccumulator<acc_t>> part(in.B);
+    acc_t* log_w = buf.log_w.data_ptr<acc_t>();
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = t * tile, n = std::min(tile, in.V - c0);
+      linear_tile(in.hidden, in.weight, in.bias, c0, n, buf.w, tile_view(buf.f, in.B, n));
+      if (cfg.needs_teacher()) teacher_tile(in, c0, n, buf);
+      const acc_t* f = buf.f.data_ptr<acc_t>();
+      const acc_t* s = cfg.needs_teacher() ? buf.s.data_ptr<acc_t>() : nullptr;
+      for (int64_t i = 0; i < in.B; ++i) {
+        RowTarget y;
+        if (!targets.row(i, y)) continue;
+        const acc_t* s_row = s ? s + i * n : nullptr;
+        if (cfg.dbl()) log_negative_weights(cfg, s_row, n, lse_s[i], log_w);
+        part[i].update(cfg, f + i * n, s_row, log_w, n, c0, y);
+      }
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    for (int64_t i = 0; i < in.B; ++i) total[i].merge(cfg, part[i]);
+  });
+  acc_t* loss_data = losses.data_ptr<acc_t>();
+  acc_t* stats_data = stats.data_ptr<acc_t>();
+  for (int64_t i = 0; i < in.B; ++i) {
+    RowTarget y;
+    if (!targets.row(i, y)) continue;
+    total[i].finish_stats(cfg, stats_data + i * kNumRowStats);
+    loss_data[i] = total[i].loss(cfg, stats_data + i * kNumRowStats, y);
+  }
+}
+
+// The log-partition log w is computed against: stats' LSE(s) for a dense or
+// on-the-fly teacher (the pre-pass value), the stored one for a top-k teacher.
+template <typename acc_t>
+acc_t weights_lse(const FusedInputs& in, const acc_t* row_stats, int64_t row) {
+  return in.teacher == TeacherKind::TopK ? in.topk_lse.data_ptr<acc_t>()[row] : row_stats[kLseS];
+}
+
+template <typename acc_t>
+void backward_kernel(const LossConfig& cfg, const FusedInputs& in, int64_t tile, double filter_eps,
+                     const at::Tensor& grad_losses, const at::Tensor& stats, at::Tensor& grad_hidden,
+                     at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  const BatchTargets targets = in.targets(cfg.ignore_index);
+  const int64_t num_tiles = (in.V + tile - 1) / tile;
+  const acc_t* g_data = grad_losses.data_ptr<acc_t>();
+  const acc_t* stats_data = stats.data_ptr<acc_t>();
+  const bool weight_in_acc = grad_weight.scalar_type() == in.acc_type;
+  std::mutex mutex;
+  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again in each worker
+    TileBuffers buf(in, tile);
+    at::Tensor g_buf = at::empty({in.B * tile}, in.hidden.options());
+    at::Tensor gw_buf = weight_in_acc ? at::Tensor() : at::empty({tile, in.d}, in.hidden.options());
+    at::Tensor part_grad_hidden = at::zeros({in.B, in.d}, in.hidden.options());
+    acc_t* log_w = buf.log_w.data_ptr<acc_t>();
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = t * tile, n = std::min(tile, in.V - c0);
+      linear_tile(in.hidden, in.weight, in.bias, c0, n, buf.w, tile_view(buf.f, in.B, n));
+      if (cfg.needs_teacher()) teacher_tile(in, c0, n, buf);
+      const acc_t* f = buf.f.data_ptr<acc_t>();
+      const acc_t* s = cfg.needs_teacher() ? buf.s.data_ptr<acc_t>() : nullptr;
+      acc_t* g = g_buf.data_ptr<acc_t>();
+      bool keep = filter_eps <= 0;
+      for (int64_t i = 0; i < in.B; ++i) {
+        acc_t* g_row = g + i * n;
+        RowTarget y;
+        if (!targets.row(i, y)) {
+          std::fill(g_row, g_row + n, acc_t(0));
+          continue;
+        }
+        const acc_t* row_stats = stats_data + i * kNumRowStats;
+        const acc_t* s_row = s ? s + i * n : nullptr;
+        if (cfg.dbl()) log_negative_weights(cfg, s_row, n, weights_lse(in, row_stats, i), log_w);
+        gradient_chunk(cfg, row_stats, f + i * n, s_row, log_w, n, c0, y, g_data[i], g_row);
+        if (!keep) {
+          const acc_t limit = static_cast<acc_t>(filter_eps) * std::abs(g_data[i]);
+          for (int64_t j = 0; j < n && !keep; ++j) keep = !(std::abs(g_row[j]) <= limit);  // NaN keeps
+        }
+      }
+      at::Tensor gw_tile = grad_weight.narrow(0, c0, n);
+      if (!keep) {  // gradient filtering: every entry negligible
+        gw_tile.zero_();
+        if (grad_bias.defined()) grad_bias.narrow(0, c0, n).zero_();
+        continue;
+      }
+      const at::Tensor G = tile_view(g_buf, in.B, n);
+      at::Tensor w_tile = in.weight.narrow(0, c0, n);
+      if (!weight_in_acc) {
+        // buf.w already holds this tile in acc dtype (linear_tile converted it)
+        w_tile = buf.w.view(-1).narrow(0, 0, n * in.d).view({n, in.d});
+      }
+      part_grad_hidden.addmm_(G, w_tile);
+      if (weight_in_acc) {
+        at::mm_out(gw_tile, G.t(), in.hidden);
+      } else {
+        at::Tensor gw = gw_buf.narrow(0, 0, n);
+        at::mm_out(gw, G.t(), in.hidden);
+        gw_tile.copy_(gw);
+      }
+      if (grad_bias.defined()) grad_bias.narrow(0, c0, n).copy_(G.sum(0));
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    grad_hidden.add_(part_grad_hidden);
+  });
+}
+
+// Unpacked op arguments shared by forward and backward.
+#define KDFAST_FUSED_INPUT_ARGS                                                                              \
+  const at::Tensor &hidden, const at::Tensor &weight, const OptTensor &bias, const OptTensor &target,        \
+      const OptTensor &target_indptr, const OptTensor &target_indices, const OptTensor &teacher_logits,      \
+      const OptTensor &teacher_hidden, const OptTensor &teacher_weight, const OptTensor &teacher_bias,       \
+      const OptTensor &topk_indices, const OptTensor &topk_logits, const OptTensor &topk_lse
+#define KDFAST_LOSS_PARAMS                                                                                   \
+  double hard_weight, double soft_weight, double double_weight, double temperature,                         \
+      c10::string_view negative_weighting, double negative_scale, double negative_shift,                     \
+      double label_smoothing, int64_t ignore_index
+
+std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cpu(KDFAST_FUSED_INPUT_ARGS, KDFAST_LOSS_PARAMS,
+                                                                 int64_t tile_size, double /*filter_eps*/) {
+  // the tile GEMMs below must not re-enter autograd (the inputs require grad)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const LossConfig cfg =
+      make_config(hard_weight, soft_weight, double_weight, temperature, std::string(negative_weighting),
+                  negative_scale, negative_shift, label_smoothing, ignore_index, weight.dim() == 2 ? weight.size(0) : 0);
+  const FusedInputs in = prepare_inputs(cfg, hidden, weight, bias, target, target_indptr, target_indices,
+                                        teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
+                                        topk_indices, topk_logits, topk_lse);
+  const int64_t tile = choose_tile(tile_size, in.B, in.V);
+  at::Tensor losses = at::zeros({in.B}, in.hidden.options());
+  at::Tensor stats = at::zeros({in.B, kNumRowStats}, in.hidden.options());
+  AT_DISPATCH_FLOATING_TYPES(in.acc_type, "fused_linear_loss_forward_cpu",
+                             [&] { forward_kernel<scalar_t>(cfg, in, tile, losses, stats); });
+  return {losses.to(hidden.scalar_type()), stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cpu(
+    const at::Tensor& grad_losses, KDFAST_FUSED_INPUT_ARGS, const at::Tensor& stats, KDFAST_LOSS_PARAMS,
+    int64_t tile_size, double filter_eps) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const LossConfig cfg =
+      make_config(hard_weight, soft_weight, double_weight, temperature, std::string(negative_weighting),
+                  negative_scale, negative_shift, label_smoothing, ignore_index, weight.dim() == 2 ? weight.size(0) : 0);
+  const FusedInputs in = prepare_inputs(cfg, hidden, weight, bias, target, target_indptr, target_indices,
+                                        teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
+                                        topk_indices, topk_logits, topk_lse);
+  TORCH_CHECK_VALUE(grad_losses.dim() == 1 && grad_losses.size(0) == in.B, "grad_losses must have shape [", in.B,
+                    "], got ", grad_losses.sizes());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == in.B && stats.size(1) == kNumRowStats &&
+                        stats.scalar_type() == in.acc_type,
+                    "stats must be the [", in.B, ", ", int64_t(kNumRowStats), "] ", in.acc_type,
+                    " tensor returned by fused_linear_loss_forward");
+  const int64_t tile = choose_tile(tile_size, in.B, in.V);
+  const at::Tensor g = grad_losses.to(in.acc_type).contiguous();
+  const at::Tensor st = stats.contiguous();
+  at::Tensor grad_hidden = at::zeros({in.B, in.d}, in.hidden.options());
+  at::Tensor grad_weight = at::empty({in.V, in.d}, weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_bias = bias.has_value() ? at::empty({in.V}, in.hidden.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(in.acc_type, "fused_linear_loss_backward_cpu", [&] {
+    backward_kernel<scalar_t>(cfg, in, tile, filter_eps, g, st, grad_hidden, grad_weight, grad_bias);
+  });
+  return {grad_hidden.to(hidden.scalar_type()), grad_weight,
+          bias.has_value() ? grad_bias.to(bias->scalar_type()) : at::empty({0}, hidden.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("fused_linear_loss_forward", &fused_linear_loss_forward_cpu);
+  m.impl("fused_linear_loss_backward", &fused_linear_loss_backward_cpu);
+}
+
+}  // namespace kdfast::cpu
