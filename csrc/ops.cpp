@@ -24,14 +24,14 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(kdfast, m) {
   // Dense logits [B, V] -> per-row losses [B] (dtype of the logits) and the per-row
-  // statistics [B, 5] the backward recomputes the softmaxes from.
+  // statistics [B, 8] the backward recomputes the softmaxes from.
   m.def("distillation_loss_forward(Tensor student_logits, Tensor? target, Tensor? teacher_logits, "
         KDFAST_LOSS_ARGS ") -> (Tensor, Tensor)");
   m.def("distillation_loss_backward(Tensor grad_losses, Tensor student_logits, Tensor? target, "
         "Tensor? teacher_logits, Tensor stats, " KDFAST_LOSS_ARGS ") -> Tensor");
 
   // The student's last linear layer and the loss in one op: hidden [B, d] and
-  // weight [V, d] (+ bias [V]) in, per-row losses [B] and statistics [B, 5] out.
+  // weight [V, d] (+ bias [V]) in, per-row losses [B] and statistics [B, 8] out.
   // Targets: an int target [B], or CSR positives (target_indptr [B+1],
   // target_indices) for pick-all-labels. Teacher: dense logits [B, V], or
   // hidden [B, d_t] + weight [V, d_t] (+ bias) computed tile by tile, or a

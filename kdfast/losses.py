@@ -2,7 +2,7 @@
 
 One op computes every term of ``shared/DESIGN.md`` section 2 in one pass over
 the classes of each row (online max/sum), and its backward recomputes the
-softmaxes from five saved numbers per row; no extra ``[B, V]`` tensor is made
+softmaxes from eight saved numbers per row; no extra ``[B, V]`` tensor is made
 besides the gradient itself.
 """
 

@@ -23,8 +23,9 @@ __all__ = [
 ]
 
 # Per-row statistics saved by the forward for the backward; keep in sync with
-# csrc/cpu/loss_math.h (RowStat): lse(f), lse(f/T), lse(f + log w), lse(s/T), lse(s).
-NUM_ROW_STATS = 5
+# csrc/cpu/loss_math.h (RowStat): the maxima and log-sums of the five log-partitions
+# LSE(f), LSE(f/T), LSE(f + log w), LSE(s/T), LSE(s).
+NUM_ROW_STATS = 8
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,7 +47,7 @@ def distillation_loss_forward(
     label_smoothing: float,
     ignore_index: int,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row losses ``[B]`` (dtype of the logits) and row statistics ``[B, 5]``."""
+    """Per-row losses ``[B]`` (dtype of the logits) and row statistics ``[B, NUM_ROW_STATS]``."""
     return torch.ops.kdfast.distillation_loss_forward.default(
         student_logits, target, teacher_logits, hard_weight, soft_weight, double_weight,
         temperature, negative_weighting, negative_scale, negative_shift, label_smoothing,
@@ -130,7 +131,7 @@ FUSED_OPTIONAL_INPUTS = (
 def fused_linear_loss_forward(
     student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None, *rest
 ) -> tuple[Tensor, Tensor]:
-    """Per-row losses ``[B]`` and row statistics ``[B, 5]``; ``rest`` as in the schema."""
+    """Per-row losses ``[B]`` and row statistics ``[B, NUM_ROW_STATS]``; ``rest`` as in the schema."""
     return torch.ops.kdfast.fused_linear_loss_forward.default(student_hidden, student_weight, student_bias, *rest)
 
 

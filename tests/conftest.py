@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+import os
+import tempfile
+
+# A fresh inductor cache per session: a cached graph bakes in the fake kernels'
+# output shapes, and must not outlive a change to them.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="kdfast-inductor-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 
 def _cuda_kernels_built() -> bool:
@@ -15,7 +22,7 @@ def _cuda_kernels_built() -> bool:
         import kdfast  # noqa: F401  (registers the ops)
 
         return torch._C._dispatch_has_kernel_for_dispatch_key("kdfast::distillation_loss_forward", "CUDA")
-    except Exception:  # an import error shows up in the tests themselves
+    except (ImportError, RuntimeError):  # an import error shows up in the tests themselves
         return False
 
 
@@ -35,4 +42,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
+# a longer search for a one-off run: pytest --hypothesis-profile=kdfast-thorough
+settings.register_profile("kdfast-thorough", parent=settings.get_profile("kdfast"), max_examples=3000)
 settings.load_profile("kdfast")

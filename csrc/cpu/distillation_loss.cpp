@@ -52,7 +52,7 @@ struct Scratch {
 };
 
 template <typename scalar_t, typename acc_t>
-acc_t teacher_lse(const scalar_t* s_row, int64_t V, Scratch<acc_t>& scratch) {
+LogPartition<acc_t> teacher_lse(const scalar_t* s_row, int64_t V, Scratch<acc_t>& scratch) {
   LogSumExp<acc_t> lse;
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
@@ -99,7 +99,8 @@ std::tuple<at::Tensor, at::Tensor> distillation_loss_forward_cpu(
         if (!targets.row(row, y)) continue;  // an ignored row contributes nothing
         const scalar_t* f_row = f_data + row * V;
         const scalar_t* s_row = s_data ? s_data + row * V : nullptr;
-        const acc_t lse_s = cfg.needs_teacher_prepass() ? teacher_lse(s_row, V, scratch) : acc_t(0);
+        const LogPartition<acc_t> lse_s =
+            cfg.needs_teacher_prepass() ? teacher_lse(s_row, V, scratch) : LogPartition<acc_t>{0, 0};
         RowAccumulator<acc_t> acc;
         for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
           const int64_t n = std::min(kChunk, V - c0);
@@ -109,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> distillation_loss_forward_cpu(
           acc.update(cfg, f, s, scratch.log_w.data(), n, c0, y);
         }
         acc_t* row_stats = stats_data + row * kNumRowStats;
-        acc.finish_stats(cfg, row_stats);
+        acc.finish_stats(row_stats);
         loss_data[row] = acc.loss(cfg, row_stats, y);
       }
     });
@@ -170,7 +171,10 @@ at::Tensor distillation_loss_backward_cpu(
           const int64_t n = std::min(kChunk, V - c0);
           const acc_t* f = load_chunk(f_row + c0, n, scratch.f.data());
           const acc_t* s = s_row ? load_chunk(s_row + c0, n, scratch.s.data()) : nullptr;
-          if (cfg.dbl()) log_negative_weights(cfg, s, n, row_stats[kLseS], scratch.log_w.data());
+          if (cfg.dbl()) {
+            log_negative_weights(cfg, s, n, LogPartition<acc_t>{row_stats[kMaxS], row_stats[kLogSumS]},
+                                 scratch.log_w.data());
+          }
           acc_t* g = store_buffer(out_row + c0, scratch.grad.data());
           gradient_chunk(cfg, row_stats, f, s, scratch.log_w.data(), n, c0, y, g_data[row], g);
           store_chunk(g, n, out_row + c0);

@@ -304,11 +304,11 @@ void teacher_tile(const FusedInputs& in, int64_t c0, int64_t n, TileBuffers& buf
 // log w needs LSE(s) over all classes for one_minus_prob weights: stored with a
 // top-k teacher, else one pass of teacher tiles before the main pass.
 template <typename acc_t>
-std::vector<acc_t> teacher_log_partition(const LossConfig& cfg, const FusedInputs& in, int64_t tile) {
-  std::vector<acc_t> lse(in.B, acc_t(0));
+std::vector<LogPartition<acc_t>> teacher_log_partition(const LossConfig& cfg, const FusedInputs& in, int64_t tile) {
+  std::vector<LogPartition<acc_t>> lse(in.B, LogPartition<acc_t>{0, 0});
   if (!cfg.needs_teacher_prepass()) return lse;
   if (in.teacher == TeacherKind::TopK) {
-    std::copy(in.topk_lse.data_ptr<acc_t>(), in.topk_lse.data_ptr<acc_t>() + in.B, lse.begin());
+    for (int64_t i = 0; i < in.B; ++i) lse[i] = {in.topk_lse.data_ptr<acc_t>()[i], acc_t(0)};
     return lse;
   }
   const int64_t num_tiles = (in.V + tile - 1) / tile;
@@ -335,7 +335,7 @@ template <typename acc_t>
 void forward_kernel(const LossConfig& cfg, const FusedInputs& in, int64_t tile, at::Tensor& losses,
                     at::Tensor& stats) {
   const BatchTargets targets = in.targets(cfg.ignore_index);
-  const std::vector<acc_t> lse_s = teacher_log_partition<acc_t>(cfg, in, tile);
+  const std::vector<LogPartition<acc_t>> lse_s = teacher_log_partition<acc_t>(cfg, in, tile);
   const int64_t num_tiles = (in.V + tile - 1) / tile;
   std::vector<RowAccumulator<acc_t>> total(in.B);
   std::mutex mutex;
@@ -366,16 +366,17 @@ void forward_kernel(const LossConfig& cfg, const FusedInputs& in, int64_t tile, 
   for (int64_t i = 0; i < in.B; ++i) {
     RowTarget y;
     if (!targets.row(i, y)) continue;
-    total[i].finish_stats(cfg, stats_data + i * kNumRowStats);
+    total[i].finish_stats(stats_data + i * kNumRowStats);
     loss_data[i] = total[i].loss(cfg, stats_data + i * kNumRowStats, y);
   }
 }
 
-// The log-partition log w is computed against: stats' LSE(s) for a dense or
-// on-the-fly teacher (the pre-pass value), the stored one for a top-k teacher.
+// The log-partition log w is computed against: the row's LSE(s) for a dense or
+// on-the-fly teacher, the stored one for a top-k teacher.
 template <typename acc_t>
-acc_t weights_lse(const FusedInputs& in, const acc_t* row_stats, int64_t row) {
-  return in.teacher == TeacherKind::TopK ? in.topk_lse.data_ptr<acc_t>()[row] : row_stats[kLseS];
+LogPartition<acc_t> weights_lse(const FusedInputs& in, const acc_t* row_stats, int64_t row) {
+  if (in.teacher == TeacherKind::TopK) return {in.topk_lse.data_ptr<acc_t>()[row], acc_t(0)};
+  return {row_stats[kMaxS], row_stats[kLogSumS]};
 }
 
 template <typename acc_t>

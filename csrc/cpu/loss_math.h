@@ -8,7 +8,7 @@
 //
 // Forward: one pass over the chunks with online maxima (each chunk is scanned
 // for its maxima, the running sums rescaled, then its exponentials summed while
-// it sits in L1). Backward: every chunk recomputes softmax - q from the five
+// it sits in L1). Backward: every chunk recomputes softmax - q from the
 // log-partitions saved per row (RowStat).
 #pragma once
 
@@ -36,8 +36,28 @@ inline NegativeWeighting parse_negative_weighting(const std::string& name) {
   TORCH_CHECK_VALUE(false, "negative_weighting must be 'sigmoid' or 'one_minus_prob', got '", name, "'");
 }
 
-// Per-row log-partitions saved for the backward; order matches kdfast/ops.py.
-enum RowStat : int64_t { kLseF = 0, kLseFT, kLseFW, kLseST, kLseS, kNumRowStats };
+// Per-row statistics saved for the backward; order matches kdfast/ops.py. Each
+// log-partition is kept as (max, log sum exp(x - max)): a float32 LSE near 1e4
+// loses the low bits that softmax(x) = exp((x - max) - log_sum) keeps.
+// f/T and s/T share the maxima of f and s (divided by T).
+enum RowStat : int64_t {
+  kMaxF = 0,   // max f
+  kLogSumF,    // log sum exp(f - max f)
+  kLogSumFT,   // log sum exp((f - max f) / T)
+  kMaxFW,      // max f + log w
+  kLogSumFW,   // log sum exp(f + log w - max)
+  kMaxS,       // max s
+  kLogSumST,   // log sum exp((s - max s) / T)
+  kLogSumS,    // log sum exp(s - max s)
+  kNumRowStats
+};
+
+// A log-partition LSE(x) = max + log_sum, kept apart for precision.
+template <typename acc_t>
+struct LogPartition {
+  acc_t max;
+  acc_t log_sum;
+};
 
 struct LossConfig {
   double hard_weight = 1.0, soft_weight = 0.0, double_weight = 0.0;
@@ -170,9 +190,10 @@ inline acc_t weighted(acc_t e, acc_t x) {
 
 // log w of double distillation for n teacher logits s:
 //   sigmoid:        log(1 - sigmoid(a (s - b))) = -softplus(a (s - b))
-//   one_minus_prob: log(1 - exp(s - lse_s))
+//   one_minus_prob: log(1 - p), log p = (s - max s) - log_sum, through log1mexp
+//                   (exact for p near 1, where 1 - p is what matters)
 template <typename acc_t>
-inline void log_negative_weights(const LossConfig& cfg, const acc_t* s, int64_t n, acc_t lse_s,
+inline void log_negative_weights(const LossConfig& cfg, const acc_t* s, int64_t n, LogPartition<acc_t> lse_s,
                                  acc_t* log_w) {
   using Vec = at::vec::Vectorized<acc_t>;
   int64_t i = 0;
@@ -191,11 +212,20 @@ inline void log_negative_weights(const LossConfig& cfg, const acc_t* s, int64_t 
       log_w[i] = -(std::max(z, acc_t(0)) + std::log1p(std::exp(-std::abs(z))));
     }
   } else {
-    const Vec vlse(lse_s);
+    // log1mexp(x) = log(1 - e^x), x <= 0: log(-expm1(x)) near 0, log1p(-exp(x)) below -ln 2
+    const acc_t shift = exp_shift(lse_s.max), log_sum = lse_s.log_sum;
+    const acc_t minus_ln2 = -std::log(acc_t(2));
+    const Vec vshift(shift), vlog_sum(log_sum), zero(acc_t(0)), vminus_ln2(minus_ln2);
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      ((Vec::loadu(s + i) - vlse).exp().neg()).log1p().store(log_w + i);
+      const Vec x = at::vec::minimum((Vec::loadu(s + i) - vshift) - vlog_sum, zero);
+      const Vec near_zero = x.expm1().neg().log();
+      const Vec far = x.exp().neg().log1p();
+      Vec::blendv(far, near_zero, x > vminus_ln2).store(log_w + i);
     }
-    for (; i < n; ++i) log_w[i] = std::log1p(-std::exp(s[i] - lse_s));
+    for (; i < n; ++i) {
+      const acc_t x = std::min((s[i] - shift) - log_sum, acc_t(0));
+      log_w[i] = x > minus_ln2 ? std::log(-std::expm1(x)) : std::log1p(-std::exp(x));
+    }
   }
 }
 
@@ -309,14 +339,16 @@ struct RowAccumulator {
     }
   }
 
-  // The row's log-partitions (RowStat order) into stats[0..kNumRowStats).
-  void finish_stats(const LossConfig& cfg, acc_t* stats) const {
-    const acc_t inv_t = acc_t(1) / static_cast<acc_t>(cfg.temperature);
-    stats[kLseF] = max_f + std::log(sum_f);
-    stats[kLseFT] = max_f * inv_t + std::log(sum_fT);
-    stats[kLseFW] = max_fw + std::log(sum_fw);
-    stats[kLseST] = max_s * inv_t + std::log(sum_sT);
-    stats[kLseS] = max_s + std::log(sum_s);
+  // The row's statistics (RowStat order) into stats[0..kNumRowStats).
+  void finish_stats(acc_t* stats) const {
+    stats[kMaxF] = max_f;
+    stats[kLogSumF] = std::log(sum_f);
+    stats[kLogSumFT] = std::log(sum_fT);
+    stats[kMaxFW] = max_fw;
+    stats[kLogSumFW] = std::log(sum_fw);
+    stats[kMaxS] = max_s;
+    stats[kLogSumST] = std::log(sum_sT);
+    stats[kLogSumS] = std::log(sum_s);
   }
 
   // Fold in another accumulator of the same row over other classes.
@@ -357,16 +389,18 @@ struct RowAccumulator {
     acc_t total = 0;
     if (cfg.hard()) {
       const acc_t eps = static_cast<acc_t>(cfg.label_smoothing);
-      acc_t hard = m * stats[kLseF] - (acc_t(1) - eps) * target_logit;
+      // m LSE(f) - (1 - eps) sum f_y, with the large parts cancelled first
+      acc_t hard = (m * stats[kMaxF] - (acc_t(1) - eps) * target_logit) + m * stats[kLogSumF];
       if (eps > 0) hard -= m * eps / static_cast<acc_t>(cfg.num_classes) * sum_logits;
       total += static_cast<acc_t>(cfg.hard_weight) * hard;
     }
     if (cfg.soft()) {
-      const acc_t kl = stats[kLseFT] - stats[kLseST] - dot_sT / sum_sT / T;
+      const acc_t kl = (stats[kMaxF] - stats[kMaxS]) / T + (stats[kLogSumFT] - stats[kLogSumST]) - dot_sT / sum_sT / T;
       total += static_cast<acc_t>(cfg.soft_weight) * T * T * m * kl;
     }
     if (cfg.dbl()) {
-      total += static_cast<acc_t>(cfg.double_weight) * m * (stats[kLseFW] - dot_s / sum_s);
+      const acc_t lse_fw = stats[kMaxFW] + stats[kLogSumFW];
+      total += static_cast<acc_t>(cfg.double_weight) * m * (lse_fw - dot_s / sum_s);
     }
     return total;
   }
@@ -397,7 +431,7 @@ struct LogSumExp {
     sum = sum * rescale_factor(max, m) + o.sum * rescale_factor(o.max, m);
     max = m;
   }
-  acc_t value() const { return max + std::log(sum); }
+  LogPartition<acc_t> value() const { return {max, std::log(sum)}; }
 };
 
 // Gradient of the row's loss for classes [col0, col0 + n), times `scale`
@@ -418,28 +452,39 @@ inline void gradient_chunk(const LossConfig& cfg, const acc_t* stats, const acc_
   const acc_t cs = static_cast<acc_t>(cfg.soft_weight * cfg.temperature) * ms;
   const acc_t cd = static_cast<acc_t>(cfg.double_weight) * ms;
   const acc_t smooth = cfg.hard() ? ch * static_cast<acc_t>(cfg.label_smoothing / cfg.num_classes) : 0;
+  // softmax(x) = exp((x - shift) - log_sum), shift = the max (0 when it is -inf)
+  const acc_t shift_f = exp_shift(stats[kMaxF]), shift_fw = exp_shift(stats[kMaxFW]);
+  const acc_t shift_s = exp_shift(stats[kMaxS]);
+  const acc_t ls_f = stats[kLogSumF], ls_ft = stats[kLogSumFT], ls_fw = stats[kLogSumFW];
+  const acc_t ls_st = stats[kLogSumST], ls_s = stats[kLogSumS];
   const Vec vch(ch), vcs(cs), vcd(cd), vinv_t(inv_t), vsmooth(smooth);
-  const Vec lse_f(stats[kLseF]), lse_ft(stats[kLseFT]), lse_fw(stats[kLseFW]);
-  const Vec lse_st(stats[kLseST]), lse_s(stats[kLseS]);
+  const Vec vshift_f(shift_f), vshift_fw(shift_fw), vshift_s(shift_s);
+  const Vec vls_f(ls_f), vls_ft(ls_ft), vls_fw(ls_fw), vls_st(ls_st), vls_s(ls_s);
   const bool hard = cfg.hard(), soft = cfg.soft(), dbl = cfg.dbl();
 
   // The term flags are loop-invariant; the branches predict perfectly.
   auto vec_grad = [&](int64_t i) {
     const Vec fv = Vec::loadu(f + i);
     Vec g(acc_t(0));
-    if (hard) g = vch * (fv - lse_f).exp() - vsmooth;
+    if (hard) g = vch * ((fv - vshift_f) - vls_f).exp() - vsmooth;
     if (soft || dbl) {
       const Vec sv = Vec::loadu(s + i);
-      if (soft) g = g + vcs * ((fv * vinv_t - lse_ft).exp() - (sv * vinv_t - lse_st).exp());
-      if (dbl) g = g + vcd * ((fv + Vec::loadu(log_w + i) - lse_fw).exp() - (sv - lse_s).exp());
+      if (soft) {
+        g = g + vcs * (((fv - vshift_f) * vinv_t - vls_ft).exp() - ((sv - vshift_s) * vinv_t - vls_st).exp());
+      }
+      if (dbl) {
+        g = g + vcd * (((fv + Vec::loadu(log_w + i)) - vshift_fw - vls_fw).exp() - ((sv - vshift_s) - vls_s).exp());
+      }
     }
     return g;
   };
   auto scalar_grad = [&](int64_t i) {
     acc_t g = 0;
-    if (hard) g = ch * std::exp(f[i] - stats[kLseF]) - smooth;
-    if (soft) g += cs * (std::exp(f[i] * inv_t - stats[kLseFT]) - std::exp(s[i] * inv_t - stats[kLseST]));
-    if (dbl) g += cd * (std::exp(f[i] + log_w[i] - stats[kLseFW]) - std::exp(s[i] - stats[kLseS]));
+    if (hard) g = ch * std::exp((f[i] - shift_f) - ls_f) - smooth;
+    if (soft) {
+      g += cs * (std::exp((f[i] - shift_f) * inv_t - ls_ft) - std::exp((s[i] - shift_s) * inv_t - ls_st));
+    }
+    if (dbl) g += cd * (std::exp((f[i] + log_w[i]) - shift_fw - ls_fw) - std::exp((s[i] - shift_s) - ls_s));
     return g;
   };
   int64_t i = 0;
