@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 
 namespace kdfast::cpu {
 
@@ -146,6 +147,20 @@ inline acc_t exp_shift(acc_t max_value) {
   return max_value == kNegInf<acc_t> ? acc_t(0) : max_value;
 }
 
+// exp of a vector. float: at::vec's exp_u20 (a degree-5 polynomial, <= 20 ulp,
+// ~1e-6 relative: well inside what a float32 loss resolves) with the NaN and
+// overflow it clamps put back; double: the accurate exp.
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> vexp(const at::vec::Vectorized<acc_t>& x) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const Vec r = Vec::blendv(x.exp_u20(), Vec(std::numeric_limits<float>::infinity()), x > Vec(88.72283f));
+    return Vec::blendv(r, x, x != x);
+  } else {
+    return x.exp();
+  }
+}
+
 // Sum over i in [0, n) of an elementwise expression given in vector form
 // (vec_op(i) for the Vec::size() elements at i) and scalar form (for the tail).
 template <typename acc_t, typename VecOp, typename ScalarOp>
@@ -157,6 +172,32 @@ inline acc_t chunk_sum(int64_t n, const VecOp& vec_op, const ScalarOp& scalar_op
   acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
   for (; i < n; ++i) total += scalar_op(i);
   return total;
+}
+
+// Sums of e_i and of e_i * x_i (0 where e_i = 0) over i in [0, n), with e and x
+// given in vector and scalar form: the partition and the <softmax, x> numerator
+// of a teacher chunk from one exponential per element.
+template <typename acc_t, typename VecE, typename ScalarE, typename VecX, typename ScalarX>
+inline std::pair<acc_t, acc_t> chunk_sum_dot(int64_t n, const VecE& vec_e, const ScalarE& scalar_e,
+                                             const VecX& vec_x, const ScalarX& scalar_x) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec zero(acc_t(0));
+  Vec sum(acc_t(0)), dot(acc_t(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec e = vec_e(i);
+    sum = sum + e;
+    dot = dot + Vec::blendv(e * vec_x(i), zero, e == zero);
+  }
+  auto add = [](Vec& a, Vec& b) { return a + b; };
+  acc_t total_sum = at::vec::vec_reduce_all<acc_t>(add, sum);
+  acc_t total_dot = at::vec::vec_reduce_all<acc_t>(add, dot);
+  for (; i < n; ++i) {
+    const acc_t e = scalar_e(i);
+    total_sum += e;
+    total_dot += e == acc_t(0) ? acc_t(0) : e * scalar_x(i);
+  }
+  return {total_sum, total_dot};
 }
 
 template <typename acc_t, typename VecOp, typename ScalarOp>
@@ -172,20 +213,6 @@ inline acc_t chunk_max(int64_t n, const VecOp& vec_op, const ScalarOp& scalar_op
     best = (v > best || std::isnan(v)) ? v : best;
   }
   return best;
-}
-
-// e * x with the convention 0 * x = 0 (a class of zero probability contributes
-// nothing, even where x is infinite).
-template <typename acc_t>
-inline at::vec::Vectorized<acc_t> weighted(const at::vec::Vectorized<acc_t>& e,
-                                           const at::vec::Vectorized<acc_t>& x) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const Vec zero(acc_t(0));
-  return Vec::blendv(e * x, zero, e == zero);
-}
-template <typename acc_t>
-inline acc_t weighted(acc_t e, acc_t x) {
-  return e == acc_t(0) ? acc_t(0) : e * x;
 }
 
 // log w of double distillation for n teacher logits s:
@@ -204,7 +231,7 @@ inline void log_negative_weights(const LossConfig& cfg, const acc_t* s, int64_t 
     for (; i + Vec::size() <= n; i += Vec::size()) {
       const Vec z = va * (Vec::loadu(s + i) - vb);
       // softplus(z) = max(z, 0) + log1p(exp(-|z|))
-      const Vec softplus = at::vec::maximum(z, zero) + z.abs().neg().exp().log1p();
+      const Vec softplus = at::vec::maximum(z, zero) + vexp<acc_t>(z.abs().neg()).log1p();
       softplus.neg().store(log_w + i);
     }
     for (; i < n; ++i) {
@@ -267,13 +294,13 @@ struct RowAccumulator {
       acc_t chunk_f = 0;
       if (cfg.hard() || same_t) {
         chunk_f = chunk_sum<acc_t>(
-            n, [&](int64_t i) { return (Vec::loadu(f + i) - vshift).exp(); },
+            n, [&](int64_t i) { return vexp<acc_t>(Vec::loadu(f + i) - vshift); },
             [&](int64_t i) { return std::exp(f[i] - shift); });
         sum_f += chunk_f;
       }
       if (cfg.soft()) {
         sum_fT += same_t ? chunk_f : chunk_sum<acc_t>(
-            n, [&](int64_t i) { return ((Vec::loadu(f + i) - vshift) * vinv_t).exp(); },
+            n, [&](int64_t i) { return vexp<acc_t>((Vec::loadu(f + i) - vshift) * vinv_t); },
             [&](int64_t i) { return std::exp((f[i] - shift) * inv_t); });
       }
     }
@@ -301,26 +328,22 @@ struct RowAccumulator {
       }
       const acc_t shift = exp_shift(max_s);
       const Vec vshift(shift), vinv_t(inv_t);
-      if (cfg.soft()) {
-        sum_sT += chunk_sum<acc_t>(
-            n, [&](int64_t i) { return ((Vec::loadu(s + i) - vshift) * vinv_t).exp(); },
-            [&](int64_t i) { return std::exp((s[i] - shift) * inv_t); });
-        dot_sT += chunk_sum<acc_t>(
-            n,
-            [&](int64_t i) {
-              const Vec sv = Vec::loadu(s + i);
-              return weighted<acc_t>(((sv - vshift) * vinv_t).exp(), Vec::loadu(f + i) - sv);
-            },
-            [&](int64_t i) { return weighted<acc_t>(std::exp((s[i] - shift) * inv_t), f[i] - s[i]); });
+      if (cfg.soft()) {  // sum exp((s - max)/T) and sum exp((s - max)/T) (f - s)
+        const auto [sum, dot] = chunk_sum_dot<acc_t>(
+            n, [&](int64_t i) { return vexp<acc_t>((Vec::loadu(s + i) - vshift) * vinv_t); },
+            [&](int64_t i) { return std::exp((s[i] - shift) * inv_t); },
+            [&](int64_t i) { return Vec::loadu(f + i) - Vec::loadu(s + i); },
+            [&](int64_t i) { return f[i] - s[i]; });
+        sum_sT += sum;
+        dot_sT += dot;
       }
-      if (cfg.dbl()) {
-        sum_s += chunk_sum<acc_t>(
-            n, [&](int64_t i) { return (Vec::loadu(s + i) - vshift).exp(); },
-            [&](int64_t i) { return std::exp(s[i] - shift); });
-        dot_s += chunk_sum<acc_t>(
-            n,
-            [&](int64_t i) { return weighted<acc_t>((Vec::loadu(s + i) - vshift).exp(), Vec::loadu(f + i)); },
-            [&](int64_t i) { return weighted<acc_t>(std::exp(s[i] - shift), f[i]); });
+      if (cfg.dbl()) {  // sum exp(s - max) and sum exp(s - max) f
+        const auto [sum, dot] = chunk_sum_dot<acc_t>(
+            n, [&](int64_t i) { return vexp<acc_t>(Vec::loadu(s + i) - vshift); },
+            [&](int64_t i) { return std::exp(s[i] - shift); }, [&](int64_t i) { return Vec::loadu(f + i); },
+            [&](int64_t i) { return f[i]; });
+        sum_s += sum;
+        dot_s += dot;
       }
     }
     if (cfg.dbl()) {
@@ -334,7 +357,7 @@ struct RowAccumulator {
       const acc_t shift = exp_shift(max_fw);
       const Vec vshift(shift);
       sum_fw += chunk_sum<acc_t>(
-          n, [&](int64_t i) { return (Vec::loadu(f + i) + Vec::loadu(log_w + i) - vshift).exp(); },
+          n, [&](int64_t i) { return vexp<acc_t>(Vec::loadu(f + i) + Vec::loadu(log_w + i) - vshift); },
           [&](int64_t i) { return std::exp(f[i] + log_w[i] - shift); });
     }
   }
@@ -423,7 +446,7 @@ struct LogSumExp {
     const acc_t shift = exp_shift(max);
     const Vec vshift(shift);
     sum += chunk_sum<acc_t>(
-        n, [&](int64_t i) { return (Vec::loadu(x + i) - vshift).exp(); },
+        n, [&](int64_t i) { return vexp<acc_t>(Vec::loadu(x + i) - vshift); },
         [&](int64_t i) { return std::exp(x[i] - shift); });
   }
   void merge(const LogSumExp& o) {
@@ -466,14 +489,16 @@ inline void gradient_chunk(const LossConfig& cfg, const acc_t* stats, const acc_
   auto vec_grad = [&](int64_t i) {
     const Vec fv = Vec::loadu(f + i);
     Vec g(acc_t(0));
-    if (hard) g = vch * ((fv - vshift_f) - vls_f).exp() - vsmooth;
+    if (hard) g = vch * vexp<acc_t>((fv - vshift_f) - vls_f) - vsmooth;
     if (soft || dbl) {
       const Vec sv = Vec::loadu(s + i);
       if (soft) {
-        g = g + vcs * (((fv - vshift_f) * vinv_t - vls_ft).exp() - ((sv - vshift_s) * vinv_t - vls_st).exp());
+        g = g + vcs * (vexp<acc_t>((fv - vshift_f) * vinv_t - vls_ft) -
+                       vexp<acc_t>((sv - vshift_s) * vinv_t - vls_st));
       }
       if (dbl) {
-        g = g + vcd * (((fv + Vec::loadu(log_w + i)) - vshift_fw - vls_fw).exp() - ((sv - vshift_s) - vls_s).exp());
+        g = g + vcd * (vexp<acc_t>((fv + Vec::loadu(log_w + i)) - vshift_fw - vls_fw) -
+                       vexp<acc_t>((sv - vshift_s) - vls_s));
       }
     }
     return g;
