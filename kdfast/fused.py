@@ -196,8 +196,8 @@ def fused_linear_distillation_loss(
             raise TypeError(f"teacher_topk.indices must be int64, got {topk_indices.dtype}")
         if topk_indices.dim() != 2 or topk_indices.shape[0] != B:
             raise ValueError(f"teacher_topk.indices must have shape [B, k] with B = {B}, got {tuple(topk_indices.shape)}")
-        if topk_indices.shape[1] > V:
-            raise ValueError(f"teacher_topk has k = {topk_indices.shape[1]} > V = {V}")
+        if not 1 <= topk_indices.shape[1] <= V:
+            raise ValueError(f"teacher_topk has k = {topk_indices.shape[1]}, outside [1, V = {V}]")
         if topk_logits.shape != topk_indices.shape:
             raise ValueError(
                 f"teacher_topk.logits must have shape {tuple(topk_indices.shape)}, got {tuple(topk_logits.shape)}"

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -202,8 +203,8 @@ FusedInputs prepare_inputs(const LossConfig& cfg, const at::Tensor& hidden, cons
     TORCH_CHECK_VALUE(topk_indices->dim() == 2 && topk_indices->size(0) == in.B,
                       "teacher_topk.indices must have shape [B, k] with B = ", in.B, ", got ",
                       topk_indices->sizes());
-    TORCH_CHECK_VALUE(topk_indices->size(1) <= in.V, "teacher_topk has k = ", topk_indices->size(1),
-                      " > V = ", in.V);
+    TORCH_CHECK_VALUE(topk_indices->size(1) >= 1 && topk_indices->size(1) <= in.V, "teacher_topk has k = ",
+                      topk_indices->size(1), ", outside [1, V = ", in.V, "]");
     TORCH_CHECK_VALUE(topk_logits->sizes() == topk_indices->sizes(), "teacher_topk.logits must have shape ",
                       topk_indices->sizes(), ", got ", topk_logits->sizes());
     TORCH_CHECK_VALUE(topk_lse->dim() == 1 && topk_lse->size(0) == in.B, "teacher_topk.lse must have shape [",
@@ -248,14 +249,36 @@ void linear_tile(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   }
 }
 
+// Per-thread partial results of a parallel pass over tiles, folded in tile order
+// once the pass is done, so results do not depend on which thread ends first.
+template <typename Part>
+class OrderedParts {
+ public:
+  void add(int64_t first_tile, Part part) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    parts_.emplace(first_tile, std::move(part));
+  }
+  template <typename Fold>
+  void fold(const Fold& fold) {
+    for (auto& entry : parts_) fold(entry.second);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<int64_t, Part> parts_;
+};
+
 // A contiguous [rows, n] view of the first rows * n elements of a flat buffer.
 at::Tensor tile_view(const at::Tensor& buffer, int64_t rows, int64_t n) {
   return buffer.narrow(0, 0, rows * n).view({rows, n});
 }
 
 // Per-thread tile buffers for the student and teacher logits of a tile.
+// teacher_present[i] is false when a top-k teacher has no class of row i in the
+// tile: the row's teacher terms then skip the tile's teacher work (q = 0, w = 1).
 struct TileBuffers {
   at::Tensor f, s, w, wt, log_w;
+  std::vector<char> teacher_present;
   TileBuffers(const FusedInputs& in, int64_t tile) {
     const auto opts = in.hidden.options();
     f = at::empty({in.B * tile}, opts);
@@ -265,6 +288,14 @@ struct TileBuffers {
       wt = at::empty({tile * in.teacher_weight.size(1)}, opts);
     }
     log_w = at::empty({tile}, opts);
+    teacher_present.assign(in.B, 1);
+  }
+
+  // Row i's teacher logits in the current [B, n] tile, or null when absent.
+  template <typename acc_t>
+  const acc_t* teacher_row(int64_t i, int64_t n) const {
+    if (!s.defined() || !teacher_present[i]) return nullptr;
+    return s.data_ptr<acc_t>() + i * n;
   }
 };
 
@@ -281,17 +312,22 @@ void teacher_tile(const FusedInputs& in, int64_t c0, int64_t n, TileBuffers& buf
     case TeacherKind::TopK: {
       // the stored logits at their classes, -inf elsewhere: softmax over the tile's
       // top-k entries (renormalized over k), weight 1 outside
-      s.fill_(-std::numeric_limits<double>::infinity());
+      // only rows with a top-k class in the tile get their -inf row written
       const int64_t k = in.topk_indices.size(1);
       const int64_t* idx = in.topk_indices.data_ptr<int64_t>();
       AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "topk_tile", [&] {
         const scalar_t* logits = in.topk_logits.data_ptr<scalar_t>();
         scalar_t* out = s.data_ptr<scalar_t>();
         for (int64_t i = 0; i < in.B; ++i) {
+          bool present = false;
           for (int64_t j = 0; j < k; ++j) {
             const int64_t c = idx[i * k + j];
-            if (c >= c0 && c < c0 + n) out[i * n + (c - c0)] = logits[i * k + j];
+            if (c < c0 || c >= c0 + n) continue;
+            if (!present) std::fill(out + i * n, out + (i + 1) * n, -std::numeric_limits<scalar_t>::infinity());
+            present = true;
+            out[i * n + (c - c0)] = logits[i * k + j];
           }
+          buf.teacher_present[i] = present;
         }
       });
       break;
@@ -312,8 +348,7 @@ std::vector<LogPartition<acc_t>> teacher_log_partition(const LossConfig& cfg, co
     return lse;
   }
   const int64_t num_tiles = (in.V + tile - 1) / tile;
-  std::vector<LogSumExp<acc_t>> total(in.B);
-  std::mutex mutex;
+  OrderedParts<std::vector<LogSumExp<acc_t>>> parts;
   at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again in each worker
     TileBuffers buf(in, tile);
@@ -324,7 +359,10 @@ std::vector<LogPartition<acc_t>> teacher_log_partition(const LossConfig& cfg, co
       const acc_t* s = buf.s.data_ptr<acc_t>();
       for (int64_t i = 0; i < in.B; ++i) part[i].update(s + i * n, n);
     }
-    std::lock_guard<std::mutex> lock(mutex);
+    parts.add(begin, std::move(part));
+  });
+  std::vector<LogSumExp<acc_t>> total(in.B);
+  parts.fold([&](const std::vector<LogSumExp<acc_t>>& part) {
     for (int64_t i = 0; i < in.B; ++i) total[i].merge(part[i]);
   });
   for (int64_t i = 0; i < in.B; ++i) lse[i] = total[i].value();
@@ -337,8 +375,7 @@ void forward_kernel(const LossConfig& cfg, const FusedInputs& in, int64_t tile, 
   const BatchTargets targets = in.targets(cfg.ignore_index);
   const std::vector<LogPartition<acc_t>> lse_s = teacher_log_partition<acc_t>(cfg, in, tile);
   const int64_t num_tiles = (in.V + tile - 1) / tile;
-  std::vector<RowAccumulator<acc_t>> total(in.B);
-  std::mutex mutex;
+  OrderedParts<std::vector<RowAccumulator<acc_t>>> parts;
   at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again in each worker
     TileBuffers buf(in, tile);
@@ -349,16 +386,18 @@ void forward_kernel(const LossConfig& cfg, const FusedInputs& in, int64_t tile, 
       linear_tile(in.hidden, in.weight, in.bias, c0, n, buf.w, tile_view(buf.f, in.B, n));
       if (cfg.needs_teacher()) teacher_tile(in, c0, n, buf);
       const acc_t* f = buf.f.data_ptr<acc_t>();
-      const acc_t* s = cfg.needs_teacher() ? buf.s.data_ptr<acc_t>() : nullptr;
       for (int64_t i = 0; i < in.B; ++i) {
         RowTarget y;
         if (!targets.row(i, y)) continue;
-        const acc_t* s_row = s ? s + i * n : nullptr;
-        if (cfg.dbl()) log_negative_weights(cfg, s_row, n, lse_s[i], log_w);
-        part[i].update(cfg, f + i * n, s_row, log_w, n, c0, y);
+        const acc_t* s_row = buf.teacher_row<acc_t>(i, n);
+        if (cfg.dbl() && s_row) log_negative_weights(cfg, s_row, n, lse_s[i], log_w);
+        part[i].update(cfg, f + i * n, s_row, s_row ? log_w : nullptr, n, c0, y);
       }
     }
-    std::lock_guard<std::mutex> lock(mutex);
+    parts.add(begin, std::move(part));
+  });
+  std::vector<RowAccumulator<acc_t>> total(in.B);
+  parts.fold([&](const std::vector<RowAccumulator<acc_t>>& part) {
     for (int64_t i = 0; i < in.B; ++i) total[i].merge(cfg, part[i]);
   });
   acc_t* loss_data = losses.data_ptr<acc_t>();
@@ -388,7 +427,7 @@ void backward_kernel(const LossConfig& cfg, const FusedInputs& in, int64_t tile,
   const acc_t* g_data = grad_losses.data_ptr<acc_t>();
   const acc_t* stats_data = stats.data_ptr<acc_t>();
   const bool weight_in_acc = grad_weight.scalar_type() == in.acc_type;
-  std::mutex mutex;
+  OrderedParts<at::Tensor> parts;
   at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again in each worker
     TileBuffers buf(in, tile);
@@ -401,7 +440,6 @@ void backward_kernel(const LossConfig& cfg, const FusedInputs& in, int64_t tile,
       linear_tile(in.hidden, in.weight, in.bias, c0, n, buf.w, tile_view(buf.f, in.B, n));
       if (cfg.needs_teacher()) teacher_tile(in, c0, n, buf);
       const acc_t* f = buf.f.data_ptr<acc_t>();
-      const acc_t* s = cfg.needs_teacher() ? buf.s.data_ptr<acc_t>() : nullptr;
       acc_t* g = g_buf.data_ptr<acc_t>();
       bool keep = filter_eps <= 0;
       for (int64_t i = 0; i < in.B; ++i) {
@@ -412,9 +450,9 @@ void backward_kernel(const LossConfig& cfg, const FusedInputs& in, int64_t tile,
           continue;
         }
         const acc_t* row_stats = stats_data + i * kNumRowStats;
-        const acc_t* s_row = s ? s + i * n : nullptr;
-        if (cfg.dbl()) log_negative_weights(cfg, s_row, n, weights_lse(in, row_stats, i), log_w);
-        gradient_chunk(cfg, row_stats, f + i * n, s_row, log_w, n, c0, y, g_data[i], g_row);
+        const acc_t* s_row = buf.teacher_row<acc_t>(i, n);
+        if (cfg.dbl() && s_row) log_negative_weights(cfg, s_row, n, weights_lse(in, row_stats, i), log_w);
+        gradient_chunk(cfg, row_stats, f + i * n, s_row, s_row ? log_w : nullptr, n, c0, y, g_data[i], g_row);
         if (!keep) {
           const acc_t limit = static_cast<acc_t>(filter_eps) * std::abs(g_data[i]);
           for (int64_t j = 0; j < n && !keep; ++j) keep = !(std::abs(g_row[j]) <= limit);  // NaN keeps
@@ -442,9 +480,9 @@ void backward_kernel(const LossConfig& cfg, const FusedInputs& in, int64_t tile,
       }
       if (grad_bias.defined()) grad_bias.narrow(0, c0, n).copy_(G.sum(0));
     }
-    std::lock_guard<std::mutex> lock(mutex);
-    grad_hidden.add_(part_grad_hidden);
+    parts.add(begin, std::move(part_grad_hidden));
   });
+  parts.fold([&](const at::Tensor& part) { grad_hidden.add_(part); });
 }
 
 // Unpacked op arguments shared by forward and backward.

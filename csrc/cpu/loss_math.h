@@ -274,8 +274,10 @@ struct RowAccumulator {
   acc_t sum_logits = 0;           // sum f (label smoothing)
   acc_t target_logit = 0;         // sum of f_y over the row's positives y
 
-  // Feed classes [col0, col0 + n): student logits f, teacher logits s (or null),
-  // log w (filled by log_negative_weights when the double term is on).
+  // Feed classes [col0, col0 + n): student logits f, teacher logits s and log w
+  // (filled by log_negative_weights when the double term is on). s and log_w may
+  // be null while the teacher terms are on: the teacher rules the whole chunk out
+  // (logits -inf: no positive mass, weight 1), as outside a stored top-k.
   void update(const LossConfig& cfg, const acc_t* f, const acc_t* s, const acc_t* log_w,
               int64_t n, int64_t col0, const RowTarget& target) {
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(cfg.temperature);
@@ -314,7 +316,7 @@ struct RowAccumulator {
             n, [&](int64_t i) { return Vec::loadu(f + i); }, [&](int64_t i) { return f[i]; });
       }
     }
-    if (cfg.needs_teacher()) {
+    if (cfg.needs_teacher() && s) {
       const acc_t m = std::max(max_s, chunk_max<acc_t>(
           n, [&](int64_t i) { return Vec::loadu(s + i); }, [&](int64_t i) { return s[i]; }));
       if (m != max_s) {
@@ -346,19 +348,22 @@ struct RowAccumulator {
         dot_s += dot;
       }
     }
-    if (cfg.dbl()) {
-      const acc_t m = std::max(max_fw, chunk_max<acc_t>(
+    if (cfg.dbl()) {  // LSE(f + log w); log w = 0 where the teacher is absent
+      const acc_t m = std::max(max_fw, log_w ? chunk_max<acc_t>(
           n, [&](int64_t i) { return Vec::loadu(f + i) + Vec::loadu(log_w + i); },
-          [&](int64_t i) { return f[i] + log_w[i]; }));
+          [&](int64_t i) { return f[i] + log_w[i]; }) : chunk_max<acc_t>(
+          n, [&](int64_t i) { return Vec::loadu(f + i); }, [&](int64_t i) { return f[i]; }));
       if (m != max_fw) {
         sum_fw *= rescale_factor(max_fw, m);
         max_fw = m;
       }
       const acc_t shift = exp_shift(max_fw);
       const Vec vshift(shift);
-      sum_fw += chunk_sum<acc_t>(
+      sum_fw += log_w ? chunk_sum<acc_t>(
           n, [&](int64_t i) { return vexp<acc_t>(Vec::loadu(f + i) + Vec::loadu(log_w + i) - vshift); },
-          [&](int64_t i) { return std::exp(f[i] + log_w[i] - shift); });
+          [&](int64_t i) { return std::exp(f[i] + log_w[i] - shift); }) : chunk_sum<acc_t>(
+          n, [&](int64_t i) { return vexp<acc_t>(Vec::loadu(f + i) - vshift); },
+          [&](int64_t i) { return std::exp(f[i] - shift); });
     }
   }
 
@@ -458,6 +463,7 @@ struct LogSumExp {
 };
 
 // Gradient of the row's loss for classes [col0, col0 + n), times `scale`
+// (s and log_w as in RowAccumulator::update)
 // (the upstream gradient of the row), written to grad[0..n):
 //   m [hw (softmax(f) - eps/V) + sw T (softmax(f/T) - softmax(s/T)) + dw (softmax(f + log w) - softmax(s))]
 //   - hw (1 - eps) at each positive
@@ -485,21 +491,22 @@ inline void gradient_chunk(const LossConfig& cfg, const acc_t* stats, const acc_
   const Vec vls_f(ls_f), vls_ft(ls_ft), vls_fw(ls_fw), vls_st(ls_st), vls_s(ls_s);
   const bool hard = cfg.hard(), soft = cfg.soft(), dbl = cfg.dbl();
 
-  // The term flags are loop-invariant; the branches predict perfectly.
+  // The term flags and the teacher's presence (s, log_w null: absent from the
+  // chunk, q = 0 and log w = 0) are loop-invariant; the branches predict perfectly.
   auto vec_grad = [&](int64_t i) {
     const Vec fv = Vec::loadu(f + i);
     Vec g(acc_t(0));
     if (hard) g = vch * vexp<acc_t>((fv - vshift_f) - vls_f) - vsmooth;
-    if (soft || dbl) {
-      const Vec sv = Vec::loadu(s + i);
-      if (soft) {
-        g = g + vcs * (vexp<acc_t>((fv - vshift_f) * vinv_t - vls_ft) -
-                       vexp<acc_t>((sv - vshift_s) * vinv_t - vls_st));
-      }
-      if (dbl) {
-        g = g + vcd * (vexp<acc_t>((fv + Vec::loadu(log_w + i)) - vshift_fw - vls_fw) -
-                       vexp<acc_t>((sv - vshift_s) - vls_s));
-      }
+    if (soft) {
+      Vec p = vexp<acc_t>((fv - vshift_f) * vinv_t - vls_ft);
+      if (s) p = p - vexp<acc_t>((Vec::loadu(s + i) - vshift_s) * vinv_t - vls_st);
+      g = g + vcs * p;
+    }
+    if (dbl) {
+      const Vec fw = log_w ? fv + Vec::loadu(log_w + i) : fv;
+      Vec p = vexp<acc_t>(fw - vshift_fw - vls_fw);
+      if (s) p = p - vexp<acc_t>((Vec::loadu(s + i) - vshift_s) - vls_s);
+      g = g + vcd * p;
     }
     return g;
   };
@@ -507,9 +514,15 @@ inline void gradient_chunk(const LossConfig& cfg, const acc_t* stats, const acc_
     acc_t g = 0;
     if (hard) g = ch * std::exp((f[i] - shift_f) - ls_f) - smooth;
     if (soft) {
-      g += cs * (std::exp((f[i] - shift_f) * inv_t - ls_ft) - std::exp((s[i] - shift_s) * inv_t - ls_st));
+      acc_t p = std::exp((f[i] - shift_f) * inv_t - ls_ft);
+      if (s) p -= std::exp((s[i] - shift_s) * inv_t - ls_st);
+      g += cs * p;
     }
-    if (dbl) g += cd * (std::exp((f[i] + log_w[i]) - shift_fw - ls_fw) - std::exp((s[i] - shift_s) - ls_s));
+    if (dbl) {
+      acc_t p = std::exp((log_w ? f[i] + log_w[i] : f[i]) - shift_fw - ls_fw);
+      if (s) p -= std::exp((s[i] - shift_s) - ls_s);
+      g += cd * p;
+    }
     return g;
   };
   int64_t i = 0;
