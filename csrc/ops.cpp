@@ -44,4 +44,12 @@ TORCH_LIBRARY(kdfast, m) {
   m.def("fused_linear_loss_backward(Tensor grad_losses, Tensor student_hidden, Tensor student_weight, "
         "Tensor? student_bias, " KDFAST_FUSED_INPUTS ", Tensor stats, " KDFAST_LOSS_ARGS
         ", int tile_size, float filter_eps) -> (Tensor, Tensor, Tensor)");
+
+  // Teacher labeling: logits = hidden [B, d] @ weight[V, d]^T (+ bias) made tile by
+  // tile; per row the k largest logits (descending, ties to the lower class) and
+  // their classes, LSE and entropy of softmax(logits / temperature), and the
+  // probability mass of the top-k. -> indices [B, k] int64, logits [B, k],
+  // lse [B], entropy [B], covered [B] (float32; float64 for float64 inputs).
+  m.def("teacher_topk(Tensor hidden, Tensor weight, Tensor? bias, int k, float temperature, int tile_size) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

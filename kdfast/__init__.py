@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from . import ops, reference  # noqa: F401  (ops loads the extension and registers fakes/autograd)
 from .fused import FusedLinearDistillationLoss, LinearTeacher, default_filter_eps, fused_linear_distillation_loss
+from .labeling import teacher_topk
 from .losses import DistillationLoss, distillation_loss
 from .targets import MultiTarget, TopK
 
@@ -24,5 +25,6 @@ __all__ = [
     "fused_linear_distillation_loss",
     "ops",
     "reference",
+    "teacher_topk",
     "__version__",
 ]

@@ -20,6 +20,7 @@ __all__ = [
     "distillation_loss_backward",
     "fused_linear_loss_forward",
     "fused_linear_loss_backward",
+    "teacher_topk",
 ]
 
 # Per-row statistics saved by the forward for the backward; keep in sync with
@@ -183,3 +184,26 @@ def _fused_autograd(ctx, grad_losses, grad_stats):
 torch.library.register_autograd(
     "kdfast::fused_linear_loss_forward", _fused_autograd, setup_context=_fused_setup_context
 )
+
+
+# ---------------------------------------------------------------------------
+# teacher_topk: per-row top-k logits, LSE, entropy and covered mass; no autograd
+# (labels are data).
+# ---------------------------------------------------------------------------
+
+
+def teacher_topk(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, k: int, temperature: float, tile_size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(indices [B, k], logits [B, k], lse [B], entropy [B], covered [B])``."""
+    return torch.ops.kdfast.teacher_topk.default(hidden, weight, bias, k, temperature, tile_size)
+
+
+@torch.library.register_fake("kdfast::teacher_topk")
+def _teacher_topk_fake(hidden, weight, bias, k, temperature, tile_size):
+    B = hidden.shape[0]
+    dtype = stats_dtype(hidden.dtype)
+    indices = hidden.new_empty((B, k), dtype=torch.int64)
+    values = hidden.new_empty((B, k), dtype=dtype)
+    row = hidden.new_empty((B,), dtype=dtype)
+    return indices, values, row, torch.empty_like(row), torch.empty_like(row)

@@ -28,6 +28,7 @@ __all__ = [
     "double_loss",
     "log_negative_weights",
     "distillation_loss",
+    "teacher_topk",
 ]
 
 
@@ -133,3 +134,23 @@ def distillation_loss(
     if reduction == "mean":
         return loss.sum() / counted.sum()
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def teacher_topk(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, k: int = 32, temperature: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Reference of :func:`kdfast.teacher_topk` on the dense logits:
+    ``(indices, logits, lse, entropy, covered)``; ties go to the lower class index."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    V = logits.shape[-1]
+    # a stable sort by descending logit keeps equal logits in class order
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
+    top = logits.gather(-1, order)
+    scaled = logits / temperature
+    lse = torch.logsumexp(scaled, dim=-1)
+    log_p = scaled - lse.unsqueeze(-1)
+    p = log_p.exp()
+    entropy = -_weighted_dot(p, log_p)
+    covered = p.gather(-1, order).sum(-1)
+    assert order.shape[-1] == min(k, V)
+    return order, top, lse, entropy, covered
