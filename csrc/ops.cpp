@@ -52,4 +52,9 @@ TORCH_LIBRARY(kdfast, m) {
   // lse [B], entropy [B], covered [B] (float32; float64 for float64 inputs).
   m.def("teacher_topk(Tensor hidden, Tensor weight, Tensor? bias, int k, float temperature, int tile_size) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // Extreme Classification Repository BoW file -> CSR arrays: feature indptr
+  // [N+1], indices, values (float32), label indptr [N+1], label indices, and
+  // the header [N, D, L].
+  m.def("read_xmlrepo(str path) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
