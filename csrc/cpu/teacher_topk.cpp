@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -29,9 +30,12 @@ struct Candidate {
   int64_t index;
 };
 
-// a ranks above b: larger logit, ties to the lower class index (deterministic)
+// a ranks above b: larger logit, ties to the lower class index (deterministic);
+// NaN ranks above every number, as in torch.topk.
 template <typename acc_t>
 inline bool ranks_above(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
+  const bool a_nan = std::isnan(a.logit), b_nan = std::isnan(b.logit);
+  if (a_nan || b_nan) return a_nan && (!b_nan || a.index < b.index);
   return a.logit > b.logit || (a.logit == b.logit && a.index < b.index);
 }
 
@@ -67,12 +71,14 @@ struct TopKHeap {
 };
 
 // Online LSE and entropy of softmax(x / T): max of x, sum exp((x - max)/T), and
-// dot = sum exp((x - max)/T) (x - max)/T, so H = log(sum) - dot / sum.
+// dot = sum exp((x - max)/T) (x - max)/T, so H = log(sum) - dot / sum. A NaN
+// logit anywhere in the row makes every statistic NaN (has_nan).
 template <typename acc_t>
 struct SoftmaxStats {
   acc_t max = kNegInf<acc_t>;
   acc_t sum = 0;
   acc_t dot = 0;
+  bool has_nan = false;
 
   // Move to a larger max m: every term's (x - max)/T drops by delta.
   void rescale(acc_t m, acc_t inv_t) {
@@ -88,6 +94,8 @@ struct SoftmaxStats {
   }
   void update(const acc_t* x, int64_t n, acc_t chunk_max_value, acc_t inv_t) {
     using Vec = at::vec::Vectorized<acc_t>;
+    if (std::isnan(chunk_max_value)) has_nan = true;
+    if (has_nan) return;
     rescale(std::max(max, chunk_max_value), inv_t);
     const acc_t shift = exp_shift(max);
     const Vec vshift(shift), vinv_t(inv_t);
@@ -100,7 +108,8 @@ struct SoftmaxStats {
     dot += d;
   }
   void merge(const SoftmaxStats& o, acc_t inv_t) {
-    if (o.max == kNegInf<acc_t>) return;
+    has_nan = has_nan || o.has_nan;
+    if (has_nan || o.max == kNegInf<acc_t>) return;
     SoftmaxStats other = o;
     const acc_t m = std::max(max, o.max);
     rescale(m, inv_t);
@@ -163,19 +172,26 @@ void teacher_topk_kernel(const at::Tensor& hidden, const at::Tensor& weight, con
   acc_t* lse_out = lse.data_ptr<acc_t>();
   acc_t* entropy_out = entropy.data_ptr<acc_t>();
   acc_t* covered_out = covered.data_ptr<acc_t>();
+  constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   for (int64_t i = 0; i < B; ++i) {
     const SoftmaxStats<acc_t>& st = total[i].stats;
-    const acc_t log_sum = std::log(st.sum);
-    lse_out[i] = st.max * inv_t + log_sum;
-    entropy_out[i] = log_sum - st.dot / st.sum;
-    acc_t mass = 0;
     const auto best = total[i].heap.sorted();
     for (int64_t j = 0; j < k; ++j) {
       idx_out[i * k + j] = best[j].index;
       logit_out[i * k + j] = best[j].logit;
-      mass += std::exp((best[j].logit - exp_shift(st.max)) * inv_t - log_sum);
     }
-    covered_out[i] = mass;
+    if (st.has_nan || st.max == std::numeric_limits<acc_t>::infinity()) {
+      // as torch.logsumexp: +inf for a +inf logit, NaN for a NaN one; softmax undefined
+      lse_out[i] = st.has_nan ? nan : st.max;
+      entropy_out[i] = covered_out[i] = nan;
+      continue;
+    }
+    const acc_t log_sum = std::log(st.sum);
+    lse_out[i] = st.max * inv_t + log_sum;
+    entropy_out[i] = log_sum - st.dot / st.sum;
+    acc_t mass = 0;
+    for (int64_t j = 0; j < k; ++j) mass += std::exp((best[j].logit - exp_shift(st.max)) * inv_t - log_sum);
+    covered_out[i] = std::min(mass, acc_t(1));  // a probability, whatever the rounding
   }
 }
 
