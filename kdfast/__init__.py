@@ -8,23 +8,32 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import ops, reference  # noqa: F401  (ops loads the extension and registers fakes/autograd)
+from . import data, metrics, ops, reference  # noqa: F401  (ops loads the extension and registers fakes/autograd)
 from .fused import FusedLinearDistillationLoss, LinearTeacher, default_filter_eps, fused_linear_distillation_loss
-from .labeling import teacher_topk
+from .labeling import LabelStore, ShardVerificationError, label_dataset, load_features, teacher_topk
 from .losses import DistillationLoss, distillation_loss
+from .models import SparseLinearClassifier, load_checkpoint, model_fingerprint, save_checkpoint
 from .targets import MultiTarget, TopK
 
 __all__ = [
     "DistillationLoss",
     "FusedLinearDistillationLoss",
+    "LabelStore",
     "LinearTeacher",
     "MultiTarget",
+    "ShardVerificationError",
+    "SparseLinearClassifier",
     "TopK",
     "default_filter_eps",
     "distillation_loss",
     "fused_linear_distillation_loss",
+    "label_dataset",
+    "load_checkpoint",
+    "load_features",
+    "model_fingerprint",
     "ops",
     "reference",
+    "save_checkpoint",
     "teacher_topk",
     "__version__",
 ]
