@@ -76,6 +76,7 @@ MD_SECTION = "bench_losses"
 STUDENT_STD = 1.0  # student logits ~ N(0, 1)
 TEACHER_STD = 2.0  # teacher logits ~ N(0, 4): a peakier distribution than the student's
 SEED = 0
+BUSY_LOAD = 0.5  # 1-minute load average above which the timings are flagged as disturbed
 
 
 # ---------------------------------------------------------------------------
@@ -279,19 +280,29 @@ def check_line(case: str, check: dict) -> str:
 
 
 def markdown_section(meta: dict, args: argparse.Namespace, summary: list[dict], checks: list[str],
-                     memory_method: str) -> str:
+                     memory_method: str, load: float | None = None) -> str:
     method = {
         "vmhwm": "growth of peak RSS over one step (`VmHWM` after resetting it via `/proc/self/clear_refs`, "
                  "minus `VmRSS` before)",
         "ru_maxrss": "growth of peak RSS over one step (`ru_maxrss` minus `VmRSS` before, in a fresh process)",
     }.get(memory_method, memory_method)
+    busy_warning = []
+    if load is not None and load > BUSY_LOAD:
+        busy_warning = ["", (
+            f"**Warning:** the machine was busy when this run started (1-minute load {load:.2f} on "
+            f"{meta['device']}): other processes competed for the cores, so the times (eager's most, "
+            "as its page faults and allocations suffer most) are disturbed; the peak-memory figures are not. "
+            "Rerun on an idle machine for clean timings."
+        )]
     lines = [
         (f"Device: {meta['device']} · commit `{meta['commit']}` · {meta['date']} · "
          f"torch {meta['torch']} · kdfast {meta['kdfast']} · Python {meta['python']}"),
         "",
         (f"B = {args.batch}, V = {args.classes:,}, float32, forward + backward (gradient of the logits); "
          f"time = median of {args.repeats} after {args.warmup} warm-up; peak MB = {method}; "
-         "speedup = eager time / kdfast time; mem ratio = kdfast peak / eager peak."),
+         "speedup = eager time / kdfast time; mem ratio = kdfast peak / eager peak."
+         + (f" Load average at start: {load:.2f}." if load is not None else "")),
+        *busy_warning,
         "",
         common.markdown_table(HEADERS, table_rows(summary), ALIGN),
     ]
@@ -364,7 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_losses: B={args.batch} V={args.classes:,} float32 on {meta['device']}; "
           f"torch {meta['torch']}, kdfast {meta['kdfast']}, commit {meta['commit']}")
     print(f"cases: {', '.join(args.case_list)}; impls: {', '.join(args.impl_list)}; "
-          f"{args.warmup} warm-up + {args.repeats} timed steps each, one fresh process per (case, impl)\n")
+          f"{args.warmup} warm-up + {args.repeats} timed steps each, one fresh process per (case, impl)")
+    load_start = common.load_average()
+    print(f"load average at start: {load_start:.2f}\n" if load_start is not None else "")
+    if load_start is not None and load_start > BUSY_LOAD:
+        print(f"warning: the machine is busy (load {load_start:.2f}); other processes will distort the timings\n")
 
     results: dict[tuple[str, str], dict] = {}
     for case in args.case_list:
@@ -376,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {case:7s} {impl:7s} time {r['time_s']:.3f} s (runs: {times})  "
                   f"peak +{r['peak_mb']:.0f} MB [{r['memory_method']}]  loss {r['loss']:.6f}", flush=True)
 
+    load_end = common.load_average()
     summary = summarize(results, args.case_list)
     checks = [check_line(c, results[(c, "kdfast")]["check"]) for c in args.case_list
               if "check" in results.get((c, "kdfast"), {})]
@@ -388,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(HEADERS, table_rows(summary))
     print("\nspeedup = eager time / kdfast time; mem ratio = kdfast peak / eager peak; "
           "peak MB = growth of peak RSS over one forward+backward")
+    if load_end is not None:
+        print(f"load average at end: {load_end:.2f} (1 min; {torch.get_num_threads()} threads used)")
 
     if not args.no_write:
         rows = []
@@ -401,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         common.append_csv(CSV_PATH, rows, CSV_COLUMNS)
         method = next(iter(results.values()))["memory_method"] if results else "vmhwm"
         common.update_markdown_section(common.BENCHMARKS_MD, MD_SECTION,
-                                       markdown_section(meta, args, summary, checks, method))
+                                       markdown_section(meta, args, summary, checks, method, load_start))
         print(f"\nwrote {CSV_PATH.relative_to(common.REPO_ROOT)} and the {MD_SECTION} section of BENCHMARKS.md")
     failed = [c for c in checks if not c.endswith("-> OK")]
     return 1 if failed else 0

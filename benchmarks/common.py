@@ -113,6 +113,15 @@ def env_metadata(device: str = "cpu", threads: int | None = None) -> dict[str, s
     }
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (``None`` where the OS has none): a run started on a busy
+    machine has distorted timings."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def set_threads(threads: str | int | None) -> int:
     """Apply a ``--threads`` value (``"default"``/``None`` keeps torch's choice); return the count."""
     if threads not in (None, "default"):
