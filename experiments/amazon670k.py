@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from xmc import AMAZON670K, main  # noqa: E402
+from xmc import AMAZON670K, main
 
 if __name__ == "__main__":
     main(AMAZON670K)

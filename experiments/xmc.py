@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -165,9 +164,10 @@ class Log:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=False)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
+                               capture_output=True, text=True, check=False).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except OSError:
         return "unknown"
@@ -177,8 +177,8 @@ def device_description(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     model = platform.processor() or "CPU"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
@@ -525,8 +525,8 @@ def main(spec: DatasetSpec, argv: list[str] | None = None) -> dict[str, Any]:
     report = [
         f"# Seed 003 Table 1 — {spec.title}", "",
         f"- data: {data.description}".replace("\n", " "),
-        f"- device: {summary['device']}; commit `{summary['commit']}`; torch {torch.__version__}; "
-        f"kdfast {kdfast.__version__}",
+        (f"- device: {summary['device']}; commit `{summary['commit']}`; torch {torch.__version__}; "
+         f"kdfast {kdfast.__version__}"),
         f"- configuration: `{json.dumps(config, sort_keys=True)}`",
         f"- command: `python {' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}`",
         f"- wall time: {wall / 60:.1f} min; per model (train / eval): "

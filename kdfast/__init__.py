@@ -24,6 +24,7 @@ __all__ = [
     "ShardVerificationError",
     "SparseLinearClassifier",
     "TopK",
+    "__version__",
     "default_filter_eps",
     "distillation_loss",
     "fused_linear_distillation_loss",
@@ -35,5 +36,4 @@ __all__ = [
     "reference",
     "save_checkpoint",
     "teacher_topk",
-    "__version__",
 ]

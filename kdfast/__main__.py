@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--teacher", required=True, metavar="CKPT",
                        help="teacher checkpoint saved by kdfast.models.save_checkpoint")
     label.add_argument("--data", required=True, metavar="PATH",
-                       help="features: .npy (dense, numpy.save) or .npz (scipy.sparse.save_npz)")
+                       help="features: .npy (dense, numpy.save), .npz (scipy.sparse.save_npz) or .txt (XMLRepo BoW, rows L2-normalized)")
     label.add_argument("--out", required=True, metavar="DIR", help="label store directory (created if missing)")
     label.add_argument("--k", type=_positive_int, default=32, help="classes kept per row (default: 32)")
     label.add_argument("--temperature", type=float, default=1.0,

@@ -8,7 +8,7 @@ statistics at once, so memory grows with the weights, never with ``B x V``.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,7 @@ from . import ops
 from .losses import _check_int_target, _check_loss_keywords, _check_number, as_tensor
 from .targets import MultiTarget, TopK
 
-__all__ = ["LinearTeacher", "fused_linear_distillation_loss", "FusedLinearDistillationLoss", "default_filter_eps"]
+__all__ = ["FusedLinearDistillationLoss", "LinearTeacher", "default_filter_eps", "fused_linear_distillation_loss"]
 
 
 class LinearTeacher(NamedTuple):
@@ -28,7 +28,7 @@ class LinearTeacher(NamedTuple):
     bias: Tensor | None = None
 
 
-Teacher = Union[Tensor, TopK, LinearTeacher, tuple]
+Teacher = Tensor | TopK | LinearTeacher | tuple
 
 
 def default_filter_eps(dtype: torch.dtype) -> float:

@@ -189,20 +189,27 @@ def load_features(path: str | os.PathLike) -> np.ndarray | Any:
     """Read a feature matrix ``[N, D]`` from a file, by extension.
 
     * ``.npy``: a dense 2-D array saved with ``numpy.save`` (memory-mapped, read lazily);
-    * ``.npz``: a ``scipy.sparse`` matrix saved with ``scipy.sparse.save_npz`` (returned as CSR).
+    * ``.npz``: a ``scipy.sparse`` matrix saved with ``scipy.sparse.save_npz`` (returned as CSR);
+    * ``.txt``: an Extreme Classification Repository bag-of-words file (``train.txt``), read by
+      :func:`kdfast.data.read_xmlrepo`; its rows are L2-normalized, as the experiment scripts
+      train on them (the labels in the file are not used).
 
-    This is the one place that maps a file to features: readers of other formats (the
-    XMLRepo bag-of-words text files) are added here.
+    This is the one place that maps a file to features.
     """
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
-    if ext not in (".npy", ".npz"):
+    if ext not in (".npy", ".npz", ".txt"):
         raise ValueError(
             f"cannot read features from {path!r}: unknown extension {ext or '(none)'!r}; supported: "
-            ".npy (a dense array saved with numpy.save), .npz (a scipy.sparse matrix saved with scipy.sparse.save_npz)"
+            ".npy (a dense array saved with numpy.save), .npz (a scipy.sparse matrix saved with scipy.sparse.save_npz), "
+            ".txt (an XMLRepo bag-of-words file)"
         )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"features file {path!r} does not exist")
+    if ext == ".txt":
+        from .data import l2_normalize, read_xmlrepo
+
+        return l2_normalize(read_xmlrepo(path)[0])
     if ext == ".npy":
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["distillation_loss", "DistillationLoss", "as_tensor"]
+__all__ = ["DistillationLoss", "as_tensor", "distillation_loss"]
 
 REDUCTIONS = ("mean", "sum", "none")
 NEGATIVE_WEIGHTINGS = ("sigmoid", "one_minus_prob")

@@ -16,10 +16,10 @@ from . import _C  # noqa: F401  (loading the extension registers the ops)
 
 __all__ = [
     "NUM_ROW_STATS",
-    "distillation_loss_forward",
     "distillation_loss_backward",
-    "fused_linear_loss_forward",
+    "distillation_loss_forward",
     "fused_linear_loss_backward",
+    "fused_linear_loss_forward",
     "teacher_topk",
 ]
 

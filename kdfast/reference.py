@@ -23,11 +23,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "hard_loss",
-    "soft_loss",
-    "double_loss",
-    "log_negative_weights",
     "distillation_loss",
+    "double_loss",
+    "hard_loss",
+    "log_negative_weights",
+    "soft_loss",
     "teacher_topk",
 ]
 

@@ -11,7 +11,8 @@ Both are ``NamedTuple``s, so they pass through ``torch.compile`` unchanged.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ class MultiTarget(NamedTuple):
     indices: Tensor
 
     @classmethod
-    def from_lists(cls, rows: Sequence[Sequence[int]], device: torch.device | str | None = None) -> "MultiTarget":
+    def from_lists(cls, rows: Sequence[Sequence[int]], device: torch.device | str | None = None) -> MultiTarget:
         """From one list of class indices per row (sorted here)."""
         lengths = [len(r) for r in rows]
         indptr = torch.zeros(len(rows) + 1, dtype=torch.int64)
@@ -41,7 +42,7 @@ class MultiTarget(NamedTuple):
         return cls(indptr.to(device), indices.to(device))
 
     @classmethod
-    def from_scipy(cls, matrix, device: torch.device | str | None = None) -> "MultiTarget":
+    def from_scipy(cls, matrix, device: torch.device | str | None = None) -> MultiTarget:
         """From a ``scipy.sparse`` label matrix ``[B, V]`` (nonzeros are positives)."""
         csr = matrix.tocsr()
         csr.sort_indices()

@@ -9,9 +9,9 @@ import tempfile
 # output shapes, and must not outlive a change to them.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="kdfast-inductor-"))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
 
 
 def _cuda_kernels_built() -> bool:

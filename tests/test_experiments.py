@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ def test_xmc_script_tiny(script, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "experiments" / script), "--scale", "tiny", "--no-progress",
          "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "scale 'tiny'" in proc.stdout
@@ -29,7 +30,7 @@ def test_xmc_script_tiny(script, tmp_path):
     for model, r in results["results"].items():
         for key in ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5"):
             assert 0.0 <= r["metrics"][key] <= 1.0, (model, key)
-        assert r["losses"] and all(x == x for x in r["losses"]), model  # trained, no NaN
+        assert r["losses"] and not any(math.isnan(x) for x in r["losses"]), model  # trained, no NaN
     # the teacher learns: far above the most-popular-labels baseline of the tiny set (P@1 ~ 0.04)
     assert results["results"]["teacher"]["metrics"]["P@1"] > 0.2
     report = (out / "report.md").read_text()

@@ -544,7 +544,9 @@ def test_bad_input(tmp_path):
 
 
 def test_load_features_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown extension '\.txt'.*\.npy.*\.npz"):
+    with pytest.raises(ValueError, match=r"unknown extension '\.csv'.*\.npy.*\.npz.*\.txt"):
+        load_features(tmp_path / "train.csv")
+    with pytest.raises(FileNotFoundError, match="train.txt"):
         load_features(tmp_path / "train.txt")
     with pytest.raises(ValueError, match="unknown extension"):
         label_dataset(None, torch.zeros(3, 4), tmp_path / "train.csv", tmp_path / "s", k=2)
@@ -561,6 +563,22 @@ def test_load_features_errors(tmp_path):
     loaded = load_features(tmp_path / "x.npz")
     assert sp.isspmatrix_csr(loaded) or loaded.format == "csr"
     assert (loaded != X).nnz == 0
+
+
+def test_xmlrepo_features_file(tmp_path):
+    """An XMLRepo BoW file labels like its L2-normalized feature matrix."""
+    X = make_csr().astype(np.float32)
+    Y = sp.csr_matrix((np.ones(X.shape[0], np.float32), (np.arange(X.shape[0]), np.zeros(X.shape[0], int))),
+                      shape=(X.shape[0], 3))
+    kdfast.data.write_xmlrepo(tmp_path / "train.txt", X, Y)
+    loaded = load_features(tmp_path / "train.txt")
+    expected = kdfast.data.l2_normalize(X)
+    assert loaded.shape == X.shape
+    np.testing.assert_allclose(loaded.toarray(), expected.toarray(), rtol=1e-6, atol=1e-7)
+    W = torch.randn(7, X.shape[1], dtype=torch.float64)
+    a = label_dataset(None, W, tmp_path / "train.txt", tmp_path / "from_txt", k=3, progress=False)
+    b = label_dataset(None, W, expected, tmp_path / "from_csr", k=3, progress=False)
+    assert torch.equal(a[:].indices, b[:].indices)
 
 
 # ---------------------------------------------------------------------------------------------
