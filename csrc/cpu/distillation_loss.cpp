@@ -130,12 +130,7 @@ at::Tensor distillation_loss_backward_cpu(
   check_inputs(cfg0, student_logits, target, teacher_logits);
   const int64_t B = student_logits.size(0), V = student_logits.size(1);
   const auto stats_type = student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_VALUE(grad_losses.dim() == 1 && grad_losses.size(0) == B, "grad_losses must have shape [", B,
-                    "], got ", grad_losses.sizes());
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == B && stats.size(1) == kNumRowStats &&
-                        stats.scalar_type() == stats_type,
-                    "stats must be the [", B, ", ", int64_t(kNumRowStats), "] ", stats_type,
-                    " tensor returned by distillation_loss_forward");
+  check_backward_inputs(grad_losses, stats, B, stats_type, "distillation_loss_forward");
   const at::Tensor f_all = student_logits.contiguous();
   const at::Tensor s_all = cfg0.needs_teacher() ? teacher_logits->contiguous() : at::Tensor();
   const at::Tensor t_all = target.has_value() ? target->contiguous() : at::Tensor();

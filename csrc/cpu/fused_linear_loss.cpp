@@ -470,12 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cpu(
   const FusedInputs in = prepare_inputs(cfg, hidden, weight, bias, target, target_indptr, target_indices,
                                         teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
                                         topk_indices, topk_logits, topk_lse);
-  TORCH_CHECK_VALUE(grad_losses.dim() == 1 && grad_losses.size(0) == in.B, "grad_losses must have shape [", in.B,
-                    "], got ", grad_losses.sizes());
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == in.B && stats.size(1) == kNumRowStats &&
-                        stats.scalar_type() == in.acc_type,
-                    "stats must be the [", in.B, ", ", int64_t(kNumRowStats), "] ", in.acc_type,
-                    " tensor returned by fused_linear_loss_forward");
+  check_backward_inputs(grad_losses, stats, in.B, in.acc_type, "fused_linear_loss_forward");
   const int64_t tile = choose_tile(tile_size, in.B, in.V);
   const at::Tensor g = grad_losses.to(in.acc_type).contiguous();
   const at::Tensor st = stats.contiguous();

@@ -30,6 +30,18 @@ inline LossConfig make_config(double hard_weight, double soft_weight, double dou
   return cfg;
 }
 
+// The backward's inputs from the forward: the upstream gradient of each row's
+// loss and the row statistics the forward returned.
+inline void check_backward_inputs(const at::Tensor& grad_losses, const at::Tensor& stats, int64_t B,
+                                  at::ScalarType stats_type, const char* forward_op) {
+  TORCH_CHECK_VALUE(grad_losses.dim() == 1 && grad_losses.size(0) == B, "grad_losses must have shape [", B,
+                    "], got ", grad_losses.sizes());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == B && stats.size(1) == kNumRowStats &&
+                        stats.scalar_type() == stats_type,
+                    "stats must be the [", B, ", ", int64_t(kNumRowStats), "] ", stats_type, " tensor returned by ",
+                    forward_op);
+}
+
 // Rows whose target is ignore_index are skipped; any other target must be a class.
 inline void check_target_values(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
   const int64_t* t = target.data_ptr<int64_t>();
