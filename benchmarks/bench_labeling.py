@@ -326,14 +326,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-write", action="store_true", help="print only: no CSV row, no BENCHMARKS.md update")
     p.add_argument("--no-check", action="store_true", help="skip the kdfast-vs-eager correctness check")
     args = p.parse_args(argv)
-    if args.impls == "all":
-        args.impl_list = list(IMPLS)
-    else:
-        chosen = [c.strip() for c in args.impls.split(",") if c.strip()]
-        bad = [c for c in chosen if c not in IMPLS]
-        if bad or not chosen:
-            p.error(f"--impls: unknown {bad or args.impls!r}; choose from {', '.join(IMPLS)} or all")
-        args.impl_list = [c for c in IMPLS if c in chosen]
+    args.impl_list = common.parse_subset(p, "--impls", args.impls, IMPLS)
     if min(args.batch, args.classes, args.dim, args.k, args.repeats) < 1 or args.warmup < 0:
         p.error("--batch, --classes, --dim, --k and --repeats must be >= 1, --warmup >= 0")
     if args.k > args.classes:
@@ -343,12 +336,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.eager_batch = args.batch if args.eager_batch is None else min(args.eager_batch, args.batch)
     if args.eager_batch < 1:
         p.error("--eager-batch must be >= 1")
-    if args.threads != "default":
-        try:
-            if int(args.threads) < 1:
-                raise ValueError
-        except ValueError:
-            p.error(f"--threads must be a positive integer or 'default', got {args.threads!r}")
+    common.check_threads_arg(p, args.threads)
     return args
 
 

@@ -336,26 +336,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-check", action="store_true", help="skip the kdfast-vs-eager correctness check")
     p.add_argument("--_worker", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-
-    def subset(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
-        if value == "all":
-            return list(allowed)
-        chosen = [c.strip() for c in value.split(",") if c.strip()]
-        bad = [c for c in chosen if c not in allowed]
-        if bad or not chosen:
-            p.error(f"{flag}: unknown {bad or value!r}; choose from {', '.join(allowed)} or all")
-        return [c for c in allowed if c in chosen]
-
-    args.case_list = subset(args.cases, CASES, "--cases")
-    args.impl_list = subset(args.impls, IMPLS, "--impls")
+    args.case_list = common.parse_subset(p, "--cases", args.cases, CASES)
+    args.impl_list = common.parse_subset(p, "--impls", args.impls, IMPLS)
     if args.batch < 1 or args.classes < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--batch, --classes and --repeats must be >= 1, --warmup >= 0")
-    if args.threads != "default":
-        try:
-            if int(args.threads) < 1:
-                raise ValueError
-        except ValueError:
-            p.error(f"--threads must be a positive integer or 'default', got {args.threads!r}")
+    common.check_threads_arg(p, args.threads)
     return args
 
 

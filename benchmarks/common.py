@@ -371,3 +371,31 @@ def update_markdown_section(path: Path | str, name: str, content: str) -> None:
     else:
         text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + block + "\n"
     path.write_text(text)
+
+
+# ---------------------------------------------------------------------------
+# command-line arguments shared by the benchmark scripts
+# ---------------------------------------------------------------------------
+
+
+def parse_subset(parser, flag: str, value: str, allowed: Sequence[str]) -> list[str]:
+    """``value`` of ``flag``: ``"all"`` or a comma-separated subset of ``allowed``, in ``allowed``'s order;
+    anything else is a usage error."""
+    if value == "all":
+        return list(allowed)
+    chosen = [c.strip() for c in value.split(",") if c.strip()]
+    bad = [c for c in chosen if c not in allowed]
+    if bad or not chosen:
+        parser.error(f"{flag}: unknown {bad or value!r}; choose from {', '.join(allowed)} or all")
+    return [c for c in allowed if c in chosen]
+
+
+def check_threads_arg(parser, threads: str) -> None:
+    """``--threads``: a positive integer or ``"default"``."""
+    if threads == "default":
+        return
+    try:
+        if int(threads) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--threads must be a positive integer or 'default', got {threads!r}")
