@@ -739,7 +739,7 @@ def test_cli_end_to_end(saved, capsys):
     capsys.readouterr()
     cases = [
         (["--teacher", str(saved.dir / "missing.pt")], "missing.pt"),
-        (["--data", str(saved.dir / "x.txt")], "unknown extension '.txt'"),
+        (["--data", str(saved.dir / "x.csv")], "unknown extension '.csv'"),
         (["--k", "701"], "k must be in [1, V = 700]"),
         (["--teacher", str(saved.dir / "x.npz")], "is not a kdfast checkpoint"),
         (["--out", str(saved.dir / "teacher.pt")], "not a directory"),
