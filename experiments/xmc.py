@@ -96,8 +96,14 @@ AMAZONCAT13K = DatasetSpec(
 # --------------------------------------------------------------------------- arguments
 
 
+def cuda_usable() -> bool:
+    """A GPU is visible and kdfast was built with CUDA kernels for its ops."""
+    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "kdfast::fused_linear_loss_forward", "CUDA")
+
+
 def parse_args(spec: DatasetSpec, argv: list[str] | None) -> argparse.Namespace:
-    gpu = torch.cuda.is_available()
+    gpu = cuda_usable()
     p = argparse.ArgumentParser(
         description=f"Seed 003 Table 1 on {spec.title}: teacher, student, student + distillation, "
         "student + double distillation, trained with kdfast's fused losses.",
