@@ -39,8 +39,12 @@ run: $(STAMP)
 test: $(STAMP) cuda-check
 	$(PY) -m pytest tests -q
 
+# every benchmark script in turn (about 15 minutes on 2 cores); each writes its rows and its
+# section of BENCHMARKS.md
 bench: $(STAMP)
 	$(PY) benchmarks/bench_losses.py
+	$(PY) benchmarks/bench_fused_linear.py
+	$(PY) benchmarks/bench_labeling.py
 
 # Compile-check every CUDA kernel file with plain nvcc (no GPU, no torch headers needed).
 cuda-check:
