@@ -12,9 +12,10 @@
 
 namespace kdfast::cpu {
 
+// The loss keywords of an op call as a checked LossConfig.
 inline LossConfig make_config(double hard_weight, double soft_weight, double double_weight, double temperature,
-                       const std::string& negative_weighting, double negative_scale, double negative_shift,
-                       double label_smoothing, int64_t ignore_index, int64_t num_classes) {
+                              const std::string& negative_weighting, double negative_scale, double negative_shift,
+                              double label_smoothing, int64_t ignore_index, int64_t num_classes) {
   LossConfig cfg;
   cfg.hard_weight = hard_weight;
   cfg.soft_weight = soft_weight;

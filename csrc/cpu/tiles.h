@@ -25,7 +25,7 @@ inline int64_t choose_tile(int64_t requested, int64_t B, int64_t V) {
 // out[B, n] = x W[c0:c0+n]^T + b[c0:c0+n] in acc dtype; `w_buffer` holds the
 // weight tile converted to acc dtype when the weights are in a lower precision.
 inline void linear_tile(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t c0, int64_t n,
-                 at::Tensor& w_buffer, const at::Tensor& out) {
+                        at::Tensor& w_buffer, const at::Tensor& out) {
   at::Tensor w = weight.narrow(0, c0, n);
   if (w.scalar_type() != x.scalar_type()) {
     at::Tensor converted = w_buffer.view(-1).narrow(0, 0, n * weight.size(1)).view({n, weight.size(1)});
