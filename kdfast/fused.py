@@ -114,16 +114,11 @@ def fused_linear_distillation_loss(
     """
     student_hidden = as_tensor(student_hidden, "student_hidden")
     student_weight = as_tensor(student_weight, "student_weight")
-    hard_weight = _check_number("hard_weight", hard_weight)
-    soft_weight = _check_number("soft_weight", soft_weight)
-    double_weight = _check_number("double_weight", double_weight)
-    temperature = _check_number("temperature", temperature)
-    negative_scale = _check_number("negative_scale", negative_scale)
-    negative_shift = _check_number("negative_shift", negative_shift)
-    label_smoothing = _check_number("label_smoothing", label_smoothing)
-    _check_loss_keywords(
-        hard_weight, soft_weight, double_weight, temperature, negative_weighting, negative_scale,
-        label_smoothing, reduction,
+    hard_weight, soft_weight, double_weight, temperature, negative_scale, negative_shift, label_smoothing = (
+        _check_loss_keywords(
+            hard_weight, soft_weight, double_weight, temperature, negative_weighting, negative_scale,
+            negative_shift, label_smoothing, reduction,
+        )
     )
     h, W = student_hidden, student_weight
     if not h.is_floating_point():

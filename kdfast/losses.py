@@ -44,10 +44,20 @@ def _check_loss_keywords(
     temperature: float,
     negative_weighting: str,
     negative_scale: float,
+    negative_shift: float,
     label_smoothing: float,
     reduction: str,
-) -> None:
-    """The loss keywords shared by every loss function."""
+) -> tuple[float, float, float, float, float, float, float]:
+    """The loss keywords shared by every loss function; returns the numeric ones as floats
+    ``(hard_weight, soft_weight, double_weight, temperature, negative_scale, negative_shift,
+    label_smoothing)``."""
+    hard_weight = _check_number("hard_weight", hard_weight)
+    soft_weight = _check_number("soft_weight", soft_weight)
+    double_weight = _check_number("double_weight", double_weight)
+    temperature = _check_number("temperature", temperature)
+    negative_scale = _check_number("negative_scale", negative_scale)
+    negative_shift = _check_number("negative_shift", negative_shift)
+    label_smoothing = _check_number("label_smoothing", label_smoothing)
     for name, w in (("hard_weight", hard_weight), ("soft_weight", soft_weight), ("double_weight", double_weight)):
         if not w >= 0:  # also rejects NaN
             raise ValueError(f"{name} must be >= 0, got {w}")
@@ -64,6 +74,7 @@ def _check_loss_keywords(
     if double_weight > 0 and negative_weighting == "sigmoid" and not negative_scale > 0:
         # the paper's a > 0: the weight falls as the teacher's logit grows
         raise ValueError(f"negative_scale must be > 0, got {negative_scale}")
+    return hard_weight, soft_weight, double_weight, temperature, negative_scale, negative_shift, label_smoothing
 
 
 def _check_int_target(target: Tensor, B: int, device: torch.device, against: str) -> None:
@@ -177,16 +188,11 @@ def distillation_loss(
     student_logits = as_tensor(student_logits, "student_logits")
     target = None if target is None else as_tensor(target, "target")
     teacher_logits = None if teacher_logits is None else as_tensor(teacher_logits, "teacher_logits")
-    hard_weight = _check_number("hard_weight", hard_weight)
-    soft_weight = _check_number("soft_weight", soft_weight)
-    double_weight = _check_number("double_weight", double_weight)
-    temperature = _check_number("temperature", temperature)
-    negative_scale = _check_number("negative_scale", negative_scale)
-    negative_shift = _check_number("negative_shift", negative_shift)
-    label_smoothing = _check_number("label_smoothing", label_smoothing)
-    _check_loss_keywords(
-        hard_weight, soft_weight, double_weight, temperature, negative_weighting, negative_scale,
-        label_smoothing, reduction,
+    hard_weight, soft_weight, double_weight, temperature, negative_scale, negative_shift, label_smoothing = (
+        _check_loss_keywords(
+            hard_weight, soft_weight, double_weight, temperature, negative_weighting, negative_scale,
+            negative_shift, label_smoothing, reduction,
+        )
     )
     _validate(student_logits, target, teacher_logits, hard_weight, soft_weight, double_weight)
     if teacher_logits is not None and soft_weight == 0 and double_weight == 0:
