@@ -424,10 +424,6 @@ def summarize(results: dict[tuple[str, str], dict], cases: list[str], args: argp
     return out
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
 def _e(x: float) -> str:
     """``1e-4`` rather than ``0.0001``."""
     return f"{x:.0e}".replace("e-0", "e-")
@@ -443,10 +439,10 @@ def table_rows(summary: list[dict]) -> list[list[str]]:
         e, k = r["eager"] or {}, r["kdfast"] or {}
         rows.append([
             CASE_TITLES[r["case"]],
-            _fmt(e.get("time_s"), ".3f"), _fmt(k.get("time_s"), ".3f"), _fmt(r["speedup"], ".2f"),
-            _fmt(e.get("peak_mb"), ".0f"), _fmt(k.get("peak_mb"), ".0f"),
-            _fmt(e.get("extra_peak_mb"), ".0f"), _fmt(k.get("extra_peak_mb"), ".1f"), _fmt(r["extra_ratio"], ".3f"),
-            _fmt(r["floor_s"], ".3f"), _fmt(r["floor_ratio"], ".2f"), _goals_short(r["goals"]),
+            common.fmt(e.get("time_s"), ".3f"), common.fmt(k.get("time_s"), ".3f"), common.fmt(r["speedup"], ".2f"),
+            common.fmt(e.get("peak_mb"), ".0f"), common.fmt(k.get("peak_mb"), ".0f"),
+            common.fmt(e.get("extra_peak_mb"), ".0f"), common.fmt(k.get("extra_peak_mb"), ".1f"), common.fmt(r["extra_ratio"], ".3f"),
+            common.fmt(r["floor_s"], ".3f"), common.fmt(r["floor_ratio"], ".2f"), _goals_short(r["goals"]),
         ])
     return rows
 
@@ -454,15 +450,6 @@ def table_rows(summary: list[dict]) -> list[list[str]]:
 HEADERS = ["case", "eager s", "kdfast s", "speedup", "eager peak MB", "kdfast peak MB", "eager extra MB",
            "kdfast extra MB", "extra ratio", "floor s", "kdfast/floor", "goals"]
 ALIGN = "lrrrrrrrrrrl"
-
-
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
 def check_line(case: str, check: dict, positives: int = 0) -> str:
@@ -604,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in checks:
             print("  " + c)
         print()
-    print_table(HEADERS, table_rows(summary))
+    common.print_table(HEADERS, table_rows(summary))
     print(f"\nspeedup = eager time / kdfast time; peak MB = growth of peak RSS over one forward+backward; "
           f"extra = peak minus the returned gradients ({(args.batch + args.classes) * args.dim * 4 / common.MB:.0f} MB); "
           f"extra ratio = kdfast extra / eager extra; floor at {gflops:.1f} GFLOP/s "

@@ -210,10 +210,6 @@ def check_lines(c: dict) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
 def goal_verdict(floor_multiple: float | None, speedup: float | None) -> str:
     if floor_multiple is None or speedup is None:
         return "not measured"
@@ -253,19 +249,10 @@ def table_rows(args, summary: dict) -> list[list[str]]:
     for impl, r in summary["impls"].items():
         rows.append([
             IMPL_TITLES[impl], str(args.eager_batch if impl == "eager" else args.batch),
-            _fmt(r["time_s"], ".3f"), _fmt(r["rows_per_s"], ",.0f"), _fmt(r["gflops"], ".1f"),
-            _fmt(r["floor_multiple"], ".2f"), _fmt(r["speedup_vs_eager"], ".2f"),
+            common.fmt(r["time_s"], ".3f"), common.fmt(r["rows_per_s"], ",.0f"), common.fmt(r["gflops"], ".1f"),
+            common.fmt(r["floor_multiple"], ".2f"), common.fmt(r["speedup_vs_eager"], ".2f"),
         ])
     return rows
-
-
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
 def markdown_section(meta, args, summary, rates, verdict, checks, loads) -> str:
@@ -280,7 +267,7 @@ def markdown_section(meta, args, summary, rates, verdict, checks, loads) -> str:
          f"{args.warmup} warm-up. Float32 GEMM rate (4096³ matmul, median of {len(rates)}: "
          f"{', '.join(f'{r:.0f}' for r in rates)}): **{rate:.1f} GFLOP/s**, so the GEMM floor "
          f"2·B·d·V = {summary['flops'] / 1e9:.1f} GFLOP takes **{summary['floor_s']:.3f} s**. "
-         f"Load average (1 min) at start {_fmt(loads[0], '.2f')}, at end {_fmt(loads[1], '.2f')}"
+         f"Load average (1 min) at start {common.fmt(loads[0], '.2f')}, at end {common.fmt(loads[1], '.2f')}"
          + (" — the machine was shared with other processes, so the timings are noisy." if busy else ".")),
         "",
         common.markdown_table(HEADERS, table_rows(args, summary), ALIGN),
@@ -399,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
     print(f"sgemm rate (median of {len(rates)}): {rate:.1f} GFLOP/s; GEMM floor 2*B*d*V = "
           f"{summary['flops'] / 1e9:.1f} GFLOP -> {summary['floor_s']:.3f} s\n")
-    print_table(HEADERS, table_rows(args, summary))
+    common.print_table(HEADERS, table_rows(args, summary))
     print(f"\ngoal (issue 4): {verdict}")
     if load_end is not None:
         print(f"load average at end: {load_end:.2f} (1 min; {torch.get_num_threads()} threads used)")

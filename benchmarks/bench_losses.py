@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -240,18 +239,14 @@ def summarize(results: dict[tuple[str, str], dict], cases: list[str]) -> list[di
     return out
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
 def table_rows(summary: list[dict]) -> list[list[str]]:
     rows = []
     for r in summary:
         e, k = r["eager"] or {}, r["kdfast"] or {}
         rows.append([
             CASE_TITLES[r["case"]],
-            _fmt(e.get("time_s"), ".3f"), _fmt(k.get("time_s"), ".3f"), _fmt(r["speedup"], ".2f"),
-            _fmt(e.get("peak_mb"), ".0f"), _fmt(k.get("peak_mb"), ".0f"), _fmt(r["mem_ratio"], ".2f"),
+            common.fmt(e.get("time_s"), ".3f"), common.fmt(k.get("time_s"), ".3f"), common.fmt(r["speedup"], ".2f"),
+            common.fmt(e.get("peak_mb"), ".0f"), common.fmt(k.get("peak_mb"), ".0f"), common.fmt(r["mem_ratio"], ".2f"),
             r["goal"],
         ])
     return rows
@@ -259,15 +254,6 @@ def table_rows(summary: list[dict]) -> list[list[str]]:
 
 HEADERS = ["case", "eager s", "kdfast s", "speedup", "eager peak MB", "kdfast peak MB", "mem ratio", "goal"]
 ALIGN = "lrrrrrrl"
-
-
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
 def check_line(case: str, check: dict) -> str:
@@ -386,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in checks:
             print("  " + c)
         print()
-    print_table(HEADERS, table_rows(summary))
+    common.print_table(HEADERS, table_rows(summary))
     print("\nspeedup = eager time / kdfast time; mem ratio = kdfast peak / eager peak; "
           "peak MB = growth of peak RSS over one forward+backward")
     if load_end is not None:

@@ -19,6 +19,7 @@ import csv
 import datetime as _dt
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -399,3 +400,23 @@ def check_threads_arg(parser, threads: str) -> None:
             raise ValueError
     except ValueError:
         parser.error(f"--threads must be a positive integer or 'default', got {threads!r}")
+
+
+# ---------------------------------------------------------------------------
+# console tables
+# ---------------------------------------------------------------------------
+
+
+def fmt(x: float | None, spec: str) -> str:
+    """``format(x, spec)``, or ``"-"`` for a missing or NaN value."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Left-aligned columns, a rule under the header."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
