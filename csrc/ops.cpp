@@ -57,4 +57,14 @@ TORCH_LIBRARY(kdfast, m) {
   // [N+1], indices, values (float32), label indptr [N+1], label indices, and
   // the header [N, D, L].
   m.def("read_xmlrepo(str path) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // Seed 001: weights [T, k, d] (T checkpoints of a k x d matrix) and a data
+  // eigenbasis [d, r] -> out [T, r], out[t, i] = ||W_t basis[:, i]||_2.
+  m.def("eigenprojection(Tensor weights, Tensor basis) -> Tensor");
+
+  // Seed 004, eq. 3: per element, the root z of
+  //   (rho/T)(sigmoid(z/T) - sigmoid(z_t/T)) + (1 - rho)(sigmoid(z) - y) = 0,
+  // the logit a wide student converges to; hard_labels y in [0, 1], same shape.
+  m.def("effective_student_logits(Tensor teacher_logits, Tensor hard_labels, float soft_ratio, float temperature) "
+        "-> Tensor");
 }

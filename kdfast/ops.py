@@ -18,6 +18,8 @@ __all__ = [
     "NUM_ROW_STATS",
     "distillation_loss_backward",
     "distillation_loss_forward",
+    "effective_student_logits",
+    "eigenprojection",
     "fused_linear_loss_backward",
     "fused_linear_loss_forward",
     "teacher_topk",
@@ -207,3 +209,94 @@ def _teacher_topk_fake(hidden, weight, bias, k, temperature, tile_size):
     values = hidden.new_empty((B, k), dtype=dtype)
     row = hidden.new_empty((B,), dtype=dtype)
     return indices, values, row, torch.empty_like(row), torch.empty_like(row)
+
+
+# ---------------------------------------------------------------------------
+# eigenprojection (seed 001): ||W_t v_i|| for a trajectory of weights.
+# Gradients (where ||W_t v_i|| > 0):
+#   d/dW_t  = sum_i g[t, i] / n[t, i] * (W_t v_i) v_i^T
+#   d/dv_i  = sum_t g[t, i] / n[t, i] * W_t^T (W_t v_i)
+# ---------------------------------------------------------------------------
+
+
+def eigenprojection(weights: Tensor, basis: Tensor) -> Tensor:
+    """``out[t, i] = ||weights[t] @ basis[:, i]||`` for weights ``[T, k, d]`` and basis ``[d, r]`` -> ``[T, r]``."""
+    return torch.ops.kdfast.eigenprojection.default(weights, basis)
+
+
+@torch.library.register_fake("kdfast::eigenprojection")
+def _eigenprojection_fake(weights, basis):
+    return weights.new_empty((weights.shape[0], basis.shape[1]))
+
+
+def _eigenprojection_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output)
+
+
+def _eigenprojection_autograd(ctx, grad):
+    weights, basis, norms = ctx.saved_tensors
+    # a zero norm has no direction: its subgradient 0 is taken
+    coef = torch.where(norms > 0, grad / torch.where(norms > 0, norms, 1), 0)  # [T, r]
+    projected = (weights @ basis) * coef[:, None, :]  # [T, k, r]
+    grad_weights = projected @ basis.T if ctx.needs_input_grad[0] else None
+    grad_basis = torch.einsum("tkd,tkr->dr", weights, projected) if ctx.needs_input_grad[1] else None
+    return grad_weights, grad_basis
+
+
+torch.library.register_autograd(
+    "kdfast::eigenprojection", _eigenprojection_autograd, setup_context=_eigenprojection_setup_context
+)
+
+
+# ---------------------------------------------------------------------------
+# effective_student_logits (seed 004, eq. 3): the root z of
+#   g(z) = (rho/T)(sigmoid(z/T) - sigmoid(z_t/T)) + (1 - rho)(sigmoid(z) - y).
+# By the implicit function theorem, with g'(z) = (rho/T^2) sigmoid'(z/T) + (1 - rho) sigmoid'(z):
+#   dz/dz_t = (rho/T^2) sigmoid'(z_t/T) / g'(z),   dz/dy = (1 - rho) / g'(z)
+# (0 where g'(z) underflows, i.e. at an infinite root; 1 and 0 when rho = 1).
+# ---------------------------------------------------------------------------
+
+
+def effective_student_logits(
+    teacher_logits: Tensor, hard_labels: Tensor, soft_ratio: float, temperature: float
+) -> Tensor:
+    """The converged student logit per element (``teacher_logits``' shape and dtype)."""
+    return torch.ops.kdfast.effective_student_logits.default(teacher_logits, hard_labels, soft_ratio, temperature)
+
+
+@torch.library.register_fake("kdfast::effective_student_logits")
+def _effective_student_logits_fake(teacher_logits, hard_labels, soft_ratio, temperature):
+    return torch.empty_like(teacher_logits, memory_format=torch.contiguous_format)
+
+
+def _effective_student_logits_setup_context(ctx, inputs, output):
+    teacher_logits, hard_labels, soft_ratio, temperature = inputs
+    ctx.save_for_backward(teacher_logits, output)
+    ctx.soft_ratio, ctx.temperature = soft_ratio, temperature
+
+
+def _sigmoid_slope(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 - s)
+
+
+def _effective_student_logits_autograd(ctx, grad):
+    teacher_logits, z = ctx.saved_tensors
+    rho, T = ctx.soft_ratio, ctx.temperature
+    if rho == 1:
+        return grad if ctx.needs_input_grad[0] else None, torch.zeros_like(grad) if ctx.needs_input_grad[1] else None, None, None
+    slope = rho / T**2 * _sigmoid_slope(z / T) + (1 - rho) * _sigmoid_slope(z)
+    safe_slope = torch.where(slope > 0, slope, 1)
+    grad_teacher = grad_labels = None
+    if ctx.needs_input_grad[0]:
+        grad_teacher = torch.where(slope > 0, grad * (rho / T**2) * _sigmoid_slope(teacher_logits / T) / safe_slope, 0)
+    if ctx.needs_input_grad[1]:
+        grad_labels = torch.where(slope > 0, grad * (1 - rho) / safe_slope, 0)
+    return grad_teacher, grad_labels, None, None
+
+
+torch.library.register_autograd(
+    "kdfast::effective_student_logits",
+    _effective_student_logits_autograd,
+    setup_context=_effective_student_logits_setup_context,
+)

@@ -25,6 +25,8 @@ from torch import Tensor
 __all__ = [
     "distillation_loss",
     "double_loss",
+    "effective_student_logits",
+    "eigenprojection",
     "hard_loss",
     "log_negative_weights",
     "soft_loss",
@@ -154,3 +156,53 @@ def teacher_topk(
     covered = p.gather(-1, order).sum(-1)
     assert order.shape[-1] == min(k, V)
     return order, top, lse, entropy, covered
+
+
+def eigenprojection(weights: Tensor, basis: Tensor) -> Tensor:
+    """Reference of :func:`kdfast.ops.eigenprojection`: ``||W_t v_i||`` for weights
+    ``[T, k, d]`` and basis ``[d, r]``, by einsum then a norm over the k rows."""
+    return torch.einsum("tkd,dr->tkr", weights, basis).norm(dim=1)
+
+
+def effective_student_logits(
+    teacher_logits: Tensor, hard_labels: Tensor, soft_ratio: float, temperature: float
+) -> Tensor:
+    """Reference of :func:`kdfast.ops.effective_student_logits`: one
+    ``scipy.optimize.brentq`` per element on
+    ``(rho/T)(sigmoid(z/T) - sigmoid(z_t/T)) + (1 - rho)(sigmoid(z) - y)``,
+    bracketed by doubling; ``+-inf`` where the root is infinite."""
+    import math
+
+    from scipy.optimize import brentq
+    from scipy.special import expit
+
+    rho, T = float(soft_ratio), float(temperature)
+
+    def solve(zt: float, y: float) -> float:
+        if rho == 1:
+            return zt
+        if rho == 0:
+            return math.inf if y >= 1 else -math.inf if y <= 0 else math.log(y / (1 - y))
+
+        def difference(a: float, b: float) -> float:  # expit(a) - expit(b), exact near 1 too
+            return expit(-b) - expit(-a) if a > 0 and b > 0 else expit(a) - expit(b)
+
+        def g(z: float) -> float:
+            label_term = (1 - y) - expit(-z) if z > 0 else expit(z) - y
+            return rho / T * difference(z / T, zt / T) + (1 - rho) * label_term
+
+        lo, hi = -1.0, 1.0
+        while g(hi) < 0:
+            lo, hi = hi, 2 * hi
+            if math.isinf(hi):
+                return math.inf
+        while g(lo) > 0:
+            lo, hi = 2 * lo, lo
+            if math.isinf(lo):
+                return -math.inf
+        return brentq(g, lo, hi, xtol=1e-14, rtol=8.9e-16, maxiter=500)
+
+    flat_t = teacher_logits.detach().double().flatten().tolist()
+    flat_y = hard_labels.detach().double().flatten().tolist()
+    out = [solve(zt, y) for zt, y in zip(flat_t, flat_y)]
+    return torch.tensor(out, dtype=torch.float64).reshape(teacher_logits.shape).to(teacher_logits.dtype)
