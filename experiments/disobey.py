@@ -48,7 +48,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,9 +56,10 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from xmc import Log, device_description, git_commit
+
 import kdfast
 from kdfast.eigen import EigenBasis, data_eigenbasis, eigenprojection, patch_eigenbasis
-from xmc import Log, device_description, git_commit
 
 try:
     from tqdm.auto import tqdm
@@ -237,28 +238,31 @@ def theorem_gradient_descent(rng: np.random.Generator, n_datasets: int, pairs: i
 
 
 def theorem_figure(rng: np.random.Generator, path: Path) -> None:
-    """Normalized paths (component / converged component) of one data set's teacher and students."""
+    """Normalized paths (component / converged component) of one data set's teacher and students,
+    for a top direction and lower directions at eigenvalue ratios of about 1/3 and 1/10."""
     import matplotlib.pyplot as plt
 
     X, y = random_regression(rng, (20, 20), (30, 30))
     basis = data_eigenbasis(X)
     lam = basis.values.numpy()
     c = basis.vectors.numpy().T @ np.linalg.lstsq(X, y, rcond=None)[0]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, (k, l) in zip(axes, [(0, 5), (2, 15)]):
-        t = np.geomspace(1e-3, 1e3, 400) / lam[k]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8))
+    k = 0
+    for ax, ratio in zip(axes, (1 / 3, 1 / 10)):
+        l = int(np.argmin(np.abs(np.log(lam[1:20] / lam[k]) - math.log(ratio)))) + 1
+        t = np.geomspace(1e-3 / lam[k], 30 / lam[l], 500)
         teacher = components(gradient_flow_weights(X, np.broadcast_to(y, (t.size, y.size)), t), basis)
-        ax.plot(teacher[:, l] / abs(c[l]), teacher[:, k] / abs(c[k]), "k-", lw=2, label="teacher (gradient flow)")
+        ax.plot(teacher[:, l] / abs(c[l]), teacher[:, k] / abs(c[k]), "k-", lw=2, label="teacher")
         for T_units, color in [(0.3, "tab:blue"), (1.0, "tab:orange"), (3.0, "tab:green")]:
             T = np.full(t.size, T_units / lam[k])
             student = components(student_flow_weights(X, y, T, t), basis)
             ax.plot(student[:, l] / abs(c[l]), student[:, k] / abs(c[k]), color=color,
-                    label=f"student of the teacher stopped at T = {T_units:g}/lambda_k")
+                    label=f"student, teacher stopped at T = {T_units:g}/λ_k")
         ax.plot([0, 1], [0, 1], ":", color="gray")
-        ax.set_xlabel(f"component along bottom direction l = {l + 1} (lambda = {lam[l]:.3g}), / converged")
-        ax.set_ylabel(f"component along top direction k = {k + 1} (lambda = {lam[k]:.3g}), / converged")
+        ax.set_xlabel(f"bottom direction l = {l + 1} (λ = {lam[l]:.3g}): component / converged")
+        ax.set_ylabel(f"top direction k = {k + 1} (λ = {lam[k]:.3g}): component / converged")
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("Theorem 4.1: at equal convergence along the top direction, the student is further left")
+    fig.suptitle("Gradient flow: at equal convergence along the top direction the student is further left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -385,8 +389,8 @@ def _subsample(x_tr, y_tr, x_te, y_te, seed, train_size, test_size, what):
 
     return (images(x_tr[tr]), torch.from_numpy(y_tr[tr].astype(np.int64)), images(x_te[te]),
             torch.from_numpy(y_te[te].astype(np.int64)),
-            f"{what}: {len(tr):,} of {len(y_tr):,} train / {len(te):,} of {len(y_te):,} test images, "
-            f"shape {tuple(x_tr.shape[1:])}")
+            (f"{what}: {len(tr):,} of {len(y_tr):,} train / {len(te):,} of {len(y_te):,} test images, "
+             f"shape {tuple(x_tr.shape[1:])}"))
 
 
 def add_label_noise(y: Tensor, fraction: float, num_classes: int, seed: int) -> Tensor:
@@ -569,23 +573,28 @@ class SettingRun:
     student: Trained
 
 
-def run_setting(setting: str, args: argparse.Namespace, log: Log, checkpoints: int) -> SettingRun:
+def run_setting(setting: str, args: argparse.Namespace, log: Log, checkpoints: int, repeat: int) -> SettingRun:
+    """Teacher and student of one setting; ``repeat`` changes the initialization (and the random
+    features) and the batch order, not the data."""
     data = load_setting_data(setting, args)
     hyper = hyperparameters(setting, args)
-    log(f"[{setting}] data: {data.description}")
-    log(f"[{setting}] width {hyper.width}, Adam lr {hyper.lr}, batch {hyper.batch_size}, {hyper.epochs} epochs; "
-        f"teacher one-hot, student soft loss at temperature {args.temperature} on the teacher's final logits; "
-        "same initialization and batch order")
-    init = make_model(setting, data, hyper, args.seed + 11)
+    tag = f"[{setting} run {repeat + 1}]"
+    if repeat == 0:
+        log(f"[{setting}] data: {data.description}")
+        log(f"[{setting}] width {hyper.width}, Adam lr {hyper.lr}, batch {hyper.batch_size}, {hyper.epochs} epochs; "
+            f"teacher one-hot, student soft loss at temperature {args.temperature} on the teacher's final logits; "
+            "same initialization and batch order")
+    init = make_model(setting, data, hyper, args.seed + 11 + 100 * repeat)
     show = not args.no_progress
-    teacher = train(copy.deepcopy(init), data, hyper, teacher_logits=None, temperature=1.0, seed=args.seed + 13,
-                    checkpoints=checkpoints, desc=f"{setting} teacher", show=show)
+    batch_seed = args.seed + 13 + 100 * repeat
+    teacher = train(copy.deepcopy(init), data, hyper, teacher_logits=None, temperature=1.0, seed=batch_seed,
+                    checkpoints=checkpoints, desc=f"{tag} teacher", show=show)
     student = train(copy.deepcopy(init), data, hyper, teacher_logits=teacher.logits_train,
-                    temperature=args.temperature, seed=args.seed + 13, checkpoints=checkpoints,
-                    desc=f"{setting} student", show=show)
+                    temperature=args.temperature, seed=batch_seed, checkpoints=checkpoints,
+                    desc=f"{tag} student", show=show)
     for name, r in (("teacher", teacher), ("student", student)):
         acc = accuracies(r, data)
-        log(f"[{setting}] {name}: {hyper.epochs} epochs in {r.seconds:.1f} s, final loss {r.losses[-1]:.4f}; "
+        log(f"{tag} {name}: {hyper.epochs} epochs in {r.seconds:.1f} s, final loss {r.losses[-1]:.4f}; "
             "accuracy " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
     return SettingRun(setting, data, hyper, init, teacher, student)
 
@@ -675,19 +684,32 @@ def analyse_trajectories(run: SettingRun, basis: EigenBasis, rank: int, n_pairs:
         rows.append({"top": i, "bottom": j, "lambda_top": float(basis.values[i]), "lambda_bottom": float(basis.values[j]),
                      "levels_student_left": student_left,
                      "lean_teacher": normalized_lean(dt[:, i], dt[:, j]), "lean_student": normalized_lean(ds[:, i], ds[:, j])})
-    left = np.array([r["levels_student_left"] for r in rows])
-    lean_t = np.array([r["lean_teacher"] for r in rows])
-    lean_s = np.array([r["lean_student"] for r in rows])
-    summary = {
-        "pairs": len(rows),
-        "fraction_pairs_student_leans_more_top": float(np.nanmean(left > 0.5)),
-        "fraction_levels_student_leans_more_top": float(np.nanmean(left)),
-        "fraction_pairs_teacher_lean_positive": float(np.mean(lean_t > 0)),
-        "fraction_pairs_student_lean_greater": float(np.mean(lean_s > lean_t)),
-        "median_lean_teacher": float(np.median(lean_t)), "median_lean_student": float(np.median(lean_s)),
-        "pair_details": rows,
-    }
-    return {"summary": summary, "proj": proj, "pairs": pairs}
+    return {"rows": rows, "proj": proj, "pairs": pairs}
+
+
+def summarize_trajectories(rows_by_run: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Fractions over the random pairs of all runs, and per run."""
+
+    def fractions(rows: list[dict[str, Any]]) -> dict[str, float]:
+        left = np.array([r["levels_student_left"] for r in rows])
+        left = left[~np.isnan(left)]
+        lean_t = np.array([r["lean_teacher"] for r in rows])
+        lean_s = np.array([r["lean_student"] for r in rows])
+        return {
+            "pairs": len(rows),
+            "fraction_pairs_student_leans_more_top": float(np.mean(left > 0.5)),
+            "fraction_levels_student_leans_more_top": float(np.mean(left)),
+            "fraction_pairs_teacher_lean_positive": float(np.mean(lean_t > 0)),
+            "fraction_pairs_student_lean_greater": float(np.mean(lean_s > lean_t)),
+            "median_lean_teacher": float(np.median(lean_t)), "median_lean_student": float(np.median(lean_s)),
+        }
+
+    pooled = fractions([r for rows in rows_by_run for r in rows])
+    per_run = [fractions(rows) for rows in rows_by_run]
+    return {**pooled, "runs": len(rows_by_run),
+            "per_run_fraction_pairs_student_leans_more_top": [f["fraction_pairs_student_leans_more_top"] for f in per_run],
+            "per_run_fraction_pairs_teacher_lean_positive": [f["fraction_pairs_teacher_lean_positive"] for f in per_run],
+            "pair_details": rows_by_run}
 
 
 def trajectory_figure(run: SettingRun, analysis: dict[str, Any], basis: EigenBasis, path: Path, shown: int = 4) -> None:
@@ -709,10 +731,8 @@ def trajectory_figure(run: SettingRun, analysis: dict[str, Any], basis: EigenBas
             ax.set_title(title, fontsize=9)
             if row == 0 and col == 0:
                 ax.legend(fontsize=8)
-    s = analysis["summary"]
-    fig.suptitle(f"{run.setting} on {run.data.name}: first-layer weights along random pairs of data eigendirections "
-                 f"(x = final); student leans more to the top in {s['fraction_pairs_student_leans_more_top']:.0%} "
-                 f"of {s['pairs']} pairs", fontsize=10)
+    fig.suptitle(f"{run.setting} on {run.data.name} (run 1): first-layer weights along random pairs of data "
+                 "eigendirections (x = final)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -763,7 +783,40 @@ def analyse_confidence(run: SettingRun, tail: float) -> dict[str, Any]:
                 "fraction_in_teacher_low_tail": float(low[m].mean()),
             }
             r["_mislabeled"] = m
+            r["_mislabeled_fit"] = fit
         out[split] = r
+    return out
+
+
+def summarize_confidence(confs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-run slopes and fractions; the mislabeled points pooled over the runs."""
+    out: dict[str, Any] = {"runs": len(confs)}
+    for split in ("train", "test"):
+        out[split] = {key: [c[split][key] for c in confs]
+                      for key in ("slope_low", "slope_high", "slope_all", "low_fraction_student_below",
+                                  "high_fraction_student_above", "median_teacher", "median_student")}
+        out[split]["points"] = confs[0][split]["points"]
+    if "mislabeled" in confs[0]["train"]:
+        def pool(key: str, mask_key: str) -> np.ndarray:
+            return np.concatenate([c["train"][key][c["train"][mask_key]] for c in confs])
+
+        x_m, y_m = pool("_x", "_mislabeled"), pool("_y", "_mislabeled")
+        x_f, y_f = pool("_x", "_mislabeled_fit"), pool("_y", "_mislabeled_fit")
+        clean = [~c["train"]["_mislabeled"] for c in confs]
+        x_c = np.concatenate([c["train"]["_x"][k] for c, k in zip(confs, clean)])
+        y_c = np.concatenate([c["train"]["_y"][k] for c, k in zip(confs, clean)])
+        out["mislabeled"] = {
+            "points_per_run": confs[0]["train"]["mislabeled"]["points"],
+            "fit_by_teacher_per_run": [c["train"]["mislabeled"]["fit_by_teacher"] for c in confs],
+            "fit_fraction_student_below_teacher": float((y_f < x_f).mean()) if x_f.size else float("nan"),
+            "fit_median_teacher": float(np.median(x_f)) if x_f.size else float("nan"),
+            "fit_median_student": float(np.median(y_f)) if x_f.size else float("nan"),
+            "fraction_student_below_teacher": float((y_m < x_m).mean()),
+            "median_teacher": float(np.median(x_m)), "median_student": float(np.median(y_m)),
+            "median_teacher_clean": float(np.median(x_c)), "median_student_clean": float(np.median(y_c)),
+            "fraction_in_teacher_low_tail": float(np.mean([c["train"]["mislabeled"]["fraction_in_teacher_low_tail"]
+                                                           for c in confs])),
+        }
     return out
 
 
@@ -775,9 +828,13 @@ def confidence_figure(run: SettingRun, conf: dict[str, Any], tail: float, path: 
         r = conf[split]
         x, y = r["_x"], r["_y"]
         m = r.get("_mislabeled", np.zeros(len(x), dtype=bool))
+        fit = r.get("_mislabeled_fit", np.zeros(len(x), dtype=bool))
         ax.scatter(x[~m], y[~m], s=5, alpha=0.5, color="tab:blue", label="points")
-        if m.any():
-            ax.scatter(x[m], y[m], s=12, marker="x", color="tab:red", label="mislabeled")
+        if fit.any():
+            ax.scatter(x[fit], y[fit], s=12, marker="x", color="tab:red", label="mislabeled, teacher fits the label")
+        if (m & ~fit).any():
+            ax.scatter(x[m & ~fit], y[m & ~fit], s=12, marker="+", color="tab:orange",
+                       label="mislabeled, teacher does not fit it")
         lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
         ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
         for mask, slope_key, color in ((x <= np.quantile(x, tail), "slope_low", "tab:green"),
@@ -826,26 +883,37 @@ def theorem_claims(res: dict[str, Any]) -> list[dict[str, str]]:
     return claims
 
 
+def count_verdict(hits: int, total: int) -> str:
+    return "reproduced" if hits == total else ("partly" if hits > 0 else "not reproduced")
+
+
+def fmt_list(values: list[float], spec: str = ".3f") -> str:
+    return ", ".join(format(v, spec) for v in values)
+
+
 def trajectory_claims(res: dict[str, Any]) -> list[dict[str, str]]:
     claims = []
     for setting, r in res.items():
         s = r["summary"]
+        runs = f"{s['pairs']} random pairs over {s['runs']} runs"
         claims.append({
             "part": "trajectories", "claim": f"{setting}: the teacher converges faster along the top direction "
             "(implicit bias: normalized lean > 0)",
-            "paper": "as expected, in the plotted pairs",
-            "ours": f"lean > 0 in {s['fraction_pairs_teacher_lean_positive']:.0%} of {s['pairs']} random pairs "
-                    f"(median lean {s['median_lean_teacher']:.3f})",
+            "paper": "as expected, in the plotted pairs (Fig. 1b, 19-21)",
+            "ours": f"lean > 0 in {s['fraction_pairs_teacher_lean_positive']:.0%} of {runs} (per run "
+                    f"{fmt_list(s['per_run_fraction_pairs_teacher_lean_positive'], '.0%')}; median lean "
+                    f"{s['median_lean_teacher']:.3f})",
             "verdict": verdict(s["fraction_pairs_teacher_lean_positive"]),
         })
         claims.append({
             "part": "trajectories", "claim": f"{setting}: the self-distilled student leans more to the top direction "
             "than the teacher (smaller bottom displacement at equal top displacement)",
             "paper": "in nearly all randomly picked pairs (Fig. 19-21)",
-            "ours": f"{s['fraction_pairs_student_leans_more_top']:.0%} of {s['pairs']} pairs "
-                    f"({s['fraction_levels_student_leans_more_top']:.0%} of matched levels); normalized lean "
-                    f"greater in {s['fraction_pairs_student_lean_greater']:.0%} (median {s['median_lean_student']:.3f} "
-                    f"vs teacher {s['median_lean_teacher']:.3f})",
+            "ours": f"{s['fraction_pairs_student_leans_more_top']:.0%} of {runs} (per run "
+                    f"{fmt_list(s['per_run_fraction_pairs_student_leans_more_top'], '.0%')}; "
+                    f"{s['fraction_levels_student_leans_more_top']:.0%} of matched levels); normalized lean greater "
+                    f"in {s['fraction_pairs_student_lean_greater']:.0%} (median {s['median_lean_student']:.3f} vs "
+                    f"teacher {s['median_lean_teacher']:.3f})",
             "verdict": verdict(s["fraction_pairs_student_leans_more_top"]),
         })
     return claims
@@ -856,43 +924,46 @@ def confidence_claims(res: dict[str, Any], tail: float) -> list[dict[str, str]]:
     for setting, r in res.items():
         for split in ("train", "test"):
             c = r[split]
+            hits = sum(v > 1 for v in c["slope_low"])
             claims.append({
                 "part": "confidence", "claim": f"{setting}, {split}: on the teacher's low-confidence points (bottom "
                 f"{tail:.0%}), the student is even less confident: least-squares slope > 1",
                 "paper": "slope > 1 on test in every image setting, on train in most (Table 3-4)",
-                "ours": f"slope {c['slope_low']:.3f}; student below teacher on {c['low_fraction_student_below']:.0%} "
-                        f"of these points (high-confidence slope {c['slope_high']:.3f})",
-                "verdict": "reproduced" if c["slope_low"] > 1 else "not reproduced",
+                "ours": f"slope > 1 in {hits} of {r['runs']} runs ({fmt_list(c['slope_low'])}); student below the "
+                        f"teacher on {fmt_list(c['low_fraction_student_below'], '.0%')} of these points; "
+                        f"high-confidence slope {fmt_list(c['slope_high'])}",
+                "verdict": count_verdict(hits, r["runs"]),
             })
-        mis = r["train"].get("mislabeled")
+        mis = r.get("mislabeled")
         if mis:
             claims.append({
                 "part": "confidence", "claim": f"{setting}: the student underfits the mislabeled training points "
                 "the teacher fits (lower confidence than the teacher in their wrong label; section 5.1)",
                 "paper": "the student underfits all the mislabeled data (Fig. 4, Fig. 18 left)",
-                "ours": f"student below teacher on {mis['fit_fraction_student_below_teacher']:.1%} of the "
-                        f"{mis['fit_by_teacher']} mislabeled points the teacher fits (median confidence "
-                        f"{mis['fit_median_teacher']:.2f} vs student {mis['fit_median_student']:.2f}), on "
-                        f"{mis['fraction_student_below_teacher']:.1%} of all {mis['points']} mislabeled points; median confidence teacher {mis['median_teacher']:.2f} vs student "
-                        f"{mis['median_student']:.2f} (clean points: {mis['median_teacher_clean']:.2f} vs "
-                        f"{mis['median_student_clean']:.2f}); {mis['fraction_in_teacher_low_tail']:.0%} of them are in "
-                        "the teacher's low-confidence tail",
+                "ours": f"student below teacher on {mis['fit_fraction_student_below_teacher']:.1%} of the mislabeled "
+                        f"points the teacher fits ({fmt_list(mis['fit_by_teacher_per_run'], 'd')} of "
+                        f"{mis['points_per_run']} per run; median confidence {mis['fit_median_teacher']:.2f} vs student "
+                        f"{mis['fit_median_student']:.2f}), on {mis['fraction_student_below_teacher']:.1%} of all "
+                        f"mislabeled points (clean points: median {mis['median_teacher_clean']:.2f} vs "
+                        f"{mis['median_student_clean']:.2f})",
                 "verdict": verdict(mis["fit_fraction_student_below_teacher"], most=0.95),
             })
     return claims
 
 
-def accuracy_claims(runs: dict[str, SettingRun]) -> list[dict[str, str]]:
+def accuracy_claims(acc: dict[str, Any]) -> list[dict[str, str]]:
     claims = []
-    for setting, run in runs.items():
-        t, st = accuracies(run.teacher, run.data)["test"], accuracies(run.student, run.data)["test"]
-        n = len(run.data.y_test)
+    for setting, r in acc.items():
+        teacher = [a["test"] for a in r["teacher"]]
+        student = [a["test"] for a in r["student"]]
+        hits = sum(st > t for st, t in zip(student, teacher))
         claims.append({
             "part": "accuracy", "claim": f"{setting}: the self-distilled student outdoes the teacher on test data",
             "paper": "in most self-distillation settings, e.g. CIFAR-100 ResNet-56 72.52% -> 74.55% (Table 1-2)",
-            "ours": f"teacher {t:.2%}, student {st:.2%} on {n} test points (one seed: a difference of "
-                    f"{1 / n:.2%} is one point)",
-            "verdict": "reproduced" if st > t else "not reproduced",
+            "ours": f"student better in {hits} of {len(teacher)} runs: teacher {fmt_list(teacher, '.2%')}, student "
+                    f"{fmt_list(student, '.2%')} on {r['test_points']} test points (one point is "
+                    f"{1 / r['test_points']:.2%})",
+            "verdict": count_verdict(hits, len(teacher)),
         })
     return claims
 
@@ -915,9 +986,9 @@ def write_report(out: Path, summary: dict[str, Any], argv: list[str]) -> None:
         f"- configuration: `{json.dumps(summary['config'], sort_keys=True)}`",
         f"- command: `python experiments/disobey.py {' '.join(argv)}`",
         f"- wall time: {summary['wall_seconds'] / 60:.1f} min", "",
-        "The paper's hyperparameters (Table 7, Table 1) and several of its numbers are lost from our copy of its "
-        "text; ours are in the configuration above, and where the paper's number is lost we state its qualitative "
-        "claim.", "",
+        ("The paper's hyperparameters (Table 7, Table 1) and several of its numbers are lost from our copy of its "
+         "text; ours are in the configuration above, and where the paper's number is lost we state its qualitative "
+         "claim."), "",
         "## Claims", "", "| part | claim | paper | ours | verdict |", "|---|---|---|---|---|",
     ]
     for c in summary["claims"]:
@@ -926,42 +997,57 @@ def write_report(out: Path, summary: dict[str, Any], argv: list[str]) -> None:
     if "theorem" in parts:
         flow = parts["theorem"]["gradient_flow"]
         lines += ["", "## Part 1: Theorem 4.1", "",
-                  f"{flow['datasets']} random regression data sets ({flow['regimes']}; n, d in 4..40, feature scales "
-                  "over 3 decades), per data set random eigen-pairs (k above l) and log-uniform times T "
-                  "(teacher stop) and t~ (student) over 3 decades of 1/lambda_k; the teacher's time t solves equal "
-                  "convergence along k. Weights from the closed form, components |<w, v_i>| from "
-                  "`kdfast.eigenprojection` (the top components agreed to "
-                  f"{flow['max_top_mismatch']:.1e} of the converged value). Margin (teacher minus student, along l, "
-                  f"in units of the converged component) quantiles: {flow['margin_quantiles']}.", "",
-                  "Gradient descent (step c/lambda_max): each student step's top component falls between two teacher "
-                  "steps; the check holds when the student's bottom component is below the teacher's at both, is "
-                  "violated when above both, and is unresolved in between (or within the tie tolerance).", "",
+                  (f"{flow['datasets']} random regression data sets ({flow['regimes']}; n, d in 4..40, feature scales "
+                   "over 3 decades), per data set random eigen-pairs (k above l) and log-uniform times T "
+                   "(teacher stop) and t~ (student) over 3 decades of 1/lambda_k; the teacher's time t solves equal "
+                   "convergence along k. Weights from the closed form, components |<w, v_i>| from "
+                   "`kdfast.eigenprojection` (the top components agreed to "
+                   f"{flow['max_top_mismatch']:.1e} of the converged value). Margin (teacher minus student, along l, "
+                   f"in units of the converged component) quantiles: {flow['margin_quantiles']}."), "",
+                  ("Gradient descent (step c/lambda_max): each student step's top component falls between two teacher "
+                   "steps; the check holds when the student's bottom component is below the teacher's at both, is "
+                   "violated when above both, and is unresolved in between (or within the tie tolerance)."), "",
                   "![paths](theorem_paths.png)", "", "![margins](theorem_margins.png)"]
+    if "accuracy" in parts:
+        lines += ["", "## The trained models", ""]
+        for setting, r in parts["accuracy"].items():
+            lines += [f"### {setting}", "", f"- data: {r['data']}", f"- training: {r['training']}", "",
+                      "| run | model | " + " | ".join(r["teacher"][0]) + " |",
+                      "|---|---|" + "---|" * len(r["teacher"][0])]
+            for i, (t, st) in enumerate(zip(r["teacher"], r["student"])):
+                for name, a in (("teacher", t), ("student", st)):
+                    lines.append(f"| {i + 1} | {name} | " + " | ".join(f"{v:.4f}" for v in a.values()) + " |")
+            lines.append("")
     if "trajectories" in parts:
-        lines += ["", "## Part 2: eigen-trajectories", ""]
+        lines += ["", "## Part 2: eigen-trajectories", "",
+                  ("Components of the first-layer weights along data eigendirections, ||W_t v|| (as plotted in the "
+                   "paper) and the displacement from the shared initialization ||(W_t - W_0) v|| (the theorem starts "
+                   "from 0). *Student leans more to the top*: at 19 equally spaced levels of the top-direction "
+                   "displacement reached by both models, the student's bottom-direction displacement is smaller at "
+                   "the majority of them (the theorem's comparison). *Normalized lean*: the area under the path drawn "
+                   "in each model's own fraction-covered axes, minus 1/2 (App. D.3's reading of the plots: 0 for a "
+                   "straight path, 1/2 for top-first-then-bottom)."), ""]
         for setting, r in parts["trajectories"].items():
             s = r["summary"]
-            lines += [f"### {setting}", "", f"- data: {r['data']}", f"- basis: {r['basis']}",
-                      f"- training: {r['training']}",
-                      f"- accuracy: teacher {r['accuracy']['teacher']}, student {r['accuracy']['student']}",
-                      f"- {s['pairs']} random pairs of directions: student leans more to the top (smaller bottom "
-                      f"displacement at equal top displacement, majority of 19 levels) in "
-                      f"{s['fraction_pairs_student_leans_more_top']:.0%}; normalized lean (area over the diagonal in "
-                      f"fraction-covered axes) teacher > 0 in {s['fraction_pairs_teacher_lean_positive']:.0%}, "
-                      f"student > teacher in {s['fraction_pairs_student_lean_greater']:.0%}", "",
+            lines += [f"### {setting}", "", f"- basis: {r['basis']}",
+                      (f"- {s['pairs']} random pairs of directions over {s['runs']} runs: student leans more to the top "
+                       f"in {s['fraction_pairs_student_leans_more_top']:.0%} (per run "
+                       f"{fmt_list(s['per_run_fraction_pairs_student_leans_more_top'], '.0%')}); normalized lean: "
+                       f"teacher > 0 in {s['fraction_pairs_teacher_lean_positive']:.0%}, student > teacher in "
+                       f"{s['fraction_pairs_student_lean_greater']:.0%}"), "",
                       f"![{setting}](trajectories_{setting}.png)", ""]
     if "confidence" in parts:
         lines += ["", "## Part 3: confidence exaggeration", "",
-                  "Confidence = logit of the probability of the teacher's top class (`f_c - logsumexp_{j != c} f_j`); "
-                  f"slopes by least squares over the bottom and top {summary['config']['tail_fraction']:.0%} of points by "
-                  "the teacher's confidence.", "",
+                  ("Confidence = logit of the probability of the teacher's top class (`f_c - logsumexp_{j != c} f_j`); "
+                   f"slopes by least squares over the bottom and top {summary['config']['tail_fraction']:.0%} of points by "
+                   "the teacher's confidence (the paper's percentile is lost from our copy), one value per run."), "",
                   "| setting | split | slope low | slope high | slope all | student below teacher (low tail) |",
                   "|---|---|---|---|---|---|"]
         for setting, r in parts["confidence"].items():
             for split in ("train", "test"):
                 c = r[split]
-                lines.append(f"| {setting} | {split} | {c['slope_low']:.3f} | {c['slope_high']:.3f} | "
-                             f"{c['slope_all']:.3f} | {c['low_fraction_student_below']:.0%} |")
+                lines.append(f"| {setting} | {split} | {fmt_list(c['slope_low'])} | {fmt_list(c['slope_high'])} | "
+                             f"{fmt_list(c['slope_all'])} | {fmt_list(c['low_fraction_student_below'], '.0%')} |")
         lines.append("")
         for setting in parts["confidence"]:
             lines += [f"![{setting}](confidence_{setting}.png)", ""]
@@ -1000,7 +1086,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mlp-epochs", type=int, default=100)
     p.add_argument("--cnn-epochs", type=int, default=60)
     p.add_argument("--checkpoints", type=int, default=200, help="first-layer weights kept per training run")
-    p.add_argument("--pairs", type=int, default=100, help="part 2: random pairs of eigendirections per setting")
+    p.add_argument("--runs", type=int, default=3,
+                   help="parts 2-3: teacher/student runs per setting (initialization and batch order; --quick: 1)")
+    p.add_argument("--pairs", type=int, default=100, help="part 2: random pairs of eigendirections per setting and run")
     p.add_argument("--tail-fraction", type=float, default=0.25,
                    help="part 3: fraction of lowest / highest teacher-confidence points for the slopes")
     args = p.parse_args(argv)
@@ -1034,55 +1122,65 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parts["theorem"] = run_theorem(args, out, log)
         claims += theorem_claims(parts["theorem"])
 
-    runs: dict[str, SettingRun] = {}
+    runs: dict[str, list[SettingRun]] = {}
     if "trajectories" in parts_run or "confidence" in parts_run:
         checkpoints = 40 if args.quick else args.checkpoints
+        n_runs = 1 if args.quick else args.runs
         for setting in SETTINGS:
-            runs[setting] = run_setting(setting, args, log, checkpoints)
-
-        parts["accuracy"] = {setting: {"teacher": accuracies(run.teacher, run.data),
-                                       "student": accuracies(run.student, run.data)} for setting, run in runs.items()}
-        claims += accuracy_claims(runs)
+            runs[setting] = [run_setting(setting, args, log, checkpoints, repeat) for repeat in range(n_runs)]
+        parts["accuracy"] = {}
+        for setting, rs in runs.items():
+            h = rs[0].hyper
+            parts["accuracy"][setting] = {
+                "teacher": [accuracies(r.teacher, r.data) for r in rs],
+                "student": [accuracies(r.student, r.data) for r in rs],
+                "test_points": len(rs[0].data.y_test), "data": rs[0].data.description,
+                "training": f"width {h.width}, Adam lr {h.lr}, batch {h.batch_size}, {h.epochs} epochs, "
+                            f"{len(rs[0].teacher.steps)} checkpoints of the first layer; {len(rs)} runs (initialization "
+                            f"and batch order); seconds per run (teacher / student): "
+                            + ", ".join(f"{r.teacher.seconds:.1f} / {r.student.seconds:.1f}" for r in rs),
+            }
+        claims += accuracy_claims(parts["accuracy"])
 
     if "trajectories" in parts_run:
         rng = np.random.default_rng(args.seed + 3)
         traj = {}
-        for setting, run in runs.items():
-            basis, rank, note = setting_basis(run, args)
-            log(f"[{setting}] {note}")
-            analysis = analyse_trajectories(run, basis, rank, 20 if args.quick else args.pairs, rng)
-            s = analysis["summary"]
-            log(f"[{setting}] {s['pairs']} random pairs: student leans more to the top in "
-                f"{s['fraction_pairs_student_leans_more_top']:.1%} ({s['fraction_levels_student_leans_more_top']:.1%} "
-                f"of levels); teacher lean > 0 in {s['fraction_pairs_teacher_lean_positive']:.1%}; student lean > "
-                f"teacher's in {s['fraction_pairs_student_lean_greater']:.1%}; median lean teacher "
-                f"{s['median_lean_teacher']:.3f}, student {s['median_lean_student']:.3f}")
-            trajectory_figure(run, analysis, basis, out / f"trajectories_{setting}.png")
-            traj[setting] = {
-                "summary": s, "data": run.data.description, "basis": note,
-                "training": f"width {run.hyper.width}, Adam lr {run.hyper.lr}, batch {run.hyper.batch_size}, "
-                            f"{run.hyper.epochs} epochs, {len(run.teacher.steps)} checkpoints; teacher "
-                            f"{run.teacher.seconds:.1f} s, student {run.student.seconds:.1f} s",
-                "accuracy": {"teacher": {k: round(v, 4) for k, v in accuracies(run.teacher, run.data).items()},
-                             "student": {k: round(v, 4) for k, v in accuracies(run.student, run.data).items()}},
-                "eigenvalues_top10": [float(v) for v in basis.values[:10]],
-            }
+        for setting, rs in runs.items():
+            rows_by_run = []
+            for i, run in enumerate(rs):
+                basis, rank, note = setting_basis(run, args)
+                analysis = analyse_trajectories(run, basis, rank, 20 if args.quick else args.pairs, rng)
+                rows_by_run.append(analysis["rows"])
+                if i == 0:
+                    log(f"[{setting}] {note}")
+                    trajectory_figure(run, analysis, basis, out / f"trajectories_{setting}.png")
+                    first_basis = basis
+            s = summarize_trajectories(rows_by_run)
+            log(f"[{setting}] {s['pairs']} random pairs over {s['runs']} runs: student leans more to the top in "
+                f"{s['fraction_pairs_student_leans_more_top']:.1%} (per run "
+                f"{fmt_list(s['per_run_fraction_pairs_student_leans_more_top'], '.0%')}; "
+                f"{s['fraction_levels_student_leans_more_top']:.1%} of levels); teacher lean > 0 in "
+                f"{s['fraction_pairs_teacher_lean_positive']:.1%}; student lean > teacher's in "
+                f"{s['fraction_pairs_student_lean_greater']:.1%}; median lean teacher {s['median_lean_teacher']:.3f}, "
+                f"student {s['median_lean_student']:.3f}")
+            traj[setting] = {"summary": s, "basis": note,
+                             "eigenvalues_top10": [float(v) for v in first_basis.values[:10]]}
         parts["trajectories"] = traj
         claims += trajectory_claims(traj)
 
     if "confidence" in parts_run:
         conf = {}
-        for setting, run in runs.items():
-            conf[setting] = analyse_confidence(run, args.tail_fraction)
+        for setting, rs in runs.items():
+            per_run = [analyse_confidence(run, args.tail_fraction) for run in rs]
+            confidence_figure(rs[0], per_run[0], args.tail_fraction, out / f"confidence_{setting}.png")
+            conf[setting] = summarize_confidence(per_run)
             for split in ("train", "test"):
                 c = conf[setting][split]
-                log(f"[{setting}] confidence on {split}: slope low {c['slope_low']:.3f}, high {c['slope_high']:.3f}, "
-                    f"all {c['slope_all']:.3f}; student below teacher on {c['low_fraction_student_below']:.1%} of the "
-                    f"low tail")
-            mis = conf[setting]["train"].get("mislabeled")
-            if mis:
-                log(f"[{setting}] mislabeled: {mis}")
-            confidence_figure(run, conf[setting], args.tail_fraction, out / f"confidence_{setting}.png")
+                log(f"[{setting}] confidence on {split}, per run: slope low {fmt_list(c['slope_low'])}, high "
+                    f"{fmt_list(c['slope_high'])}, all {fmt_list(c['slope_all'])}; student below teacher on "
+                    f"{fmt_list(c['low_fraction_student_below'], '.1%')} of the low tail")
+            if "mislabeled" in conf[setting]:
+                log(f"[{setting}] mislabeled, pooled over runs: {conf[setting]['mislabeled']}")
         parts["confidence"] = conf
         claims += confidence_claims(conf, args.tail_fraction)
 

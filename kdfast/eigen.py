@@ -136,7 +136,7 @@ def _dense_eigh(X: np.ndarray | sp.csr_matrix, rank: int) -> tuple[np.ndarray, n
 
 
 def _lanczos(X: np.ndarray | sp.csr_matrix, rank: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    n, d = X.shape
+    d = X.shape[1]
     if rank >= d:
         raise ValueError(f"rank must be < d = {d} for method='lanczos' (got {rank}); use method='dense' for all "
                          "eigenpairs")
