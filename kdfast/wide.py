@@ -101,13 +101,19 @@ def _check_kernel(name: str, kernel: object) -> Tensor:
     return kernel
 
 
+# Smallest squared Cholesky pivot, relative to the largest diagonal entry, that we accept: a
+# duplicate input leaves a pivot at rounding level (~1e-16); 2000 uniform points in 2-d give ~5e-5.
+_MIN_RELATIVE_PIVOT = 1e-12
+
+
 def _cholesky(name: str, kernel: Tensor) -> Tensor:
-    """Lower Cholesky factor (float64) of a positive definite kernel matrix."""
-    factor, info = torch.linalg.cholesky_ex(kernel.double())
-    if int(info) != 0:
+    """Lower Cholesky factor (float64) of a (numerically) positive definite kernel matrix."""
+    kernel = kernel.double()
+    factor, info = torch.linalg.cholesky_ex(kernel)
+    if int(info) != 0 or float((factor.diagonal() ** 2).min()) <= _MIN_RELATIVE_PIVOT * float(kernel.diagonal().max()):
         raise ValueError(
-            f"{name} is not positive definite (Cholesky failed at column {int(info)}); "
-            "duplicate or collinear inputs make the NTK Gram matrix singular"
+            f"{name} is not numerically positive definite; duplicate (or nearly duplicate) inputs make the NTK "
+            "Gram matrix singular"
         )
     return factor
 
@@ -470,23 +476,31 @@ def hard_label_projection(kernel: Tensor, delta_z_g: Tensor, delta_z_t: Tensor, 
 
     Args:
         kernel: ``Θ_n`` ``[n, n]``.
-        delta_z_g, delta_z_t, delta_z_h: ``[n]`` ground-truth and teacher logit changes
-            (``z − z_0``) and the correction logits (:func:`hard_label_correction`).
+        delta_z_g: ``[n]`` ground-truth logit changes ``z_g − z_0``.
+        delta_z_t: ``[n]`` teacher logit changes ``z_t − z_0``, or ``[n, k]`` for ``k`` teachers at once.
+        delta_z_h: the correction logits (:func:`hard_label_correction`) in ``delta_z_t``'s shape.
 
     Returns:
-        A float64 scalar tensor.
+        float64: a scalar, or ``[k]`` for ``[n, k]`` teachers.
     """
     kernel = _check_kernel("kernel", kernel)
     n = kernel.shape[0]
-    vectors = []
-    for name, v in (("delta_z_g", delta_z_g), ("delta_z_t", delta_z_t), ("delta_z_h", delta_z_h)):
-        v = _check_float_tensor(name, v)
-        if v.shape != (n,):
-            raise ValueError(f"{name} must be [{n}], got {tuple(v.shape)}")
-        vectors.append(v.double())
+    delta_z_g = _check_float_tensor("delta_z_g", delta_z_g)
+    if delta_z_g.shape != (n,):
+        raise ValueError(f"delta_z_g must be [{n}], got {tuple(delta_z_g.shape)}")
+    delta_z_t = _check_float_tensor("delta_z_t", delta_z_t)
+    if delta_z_t.dim() not in (1, 2) or delta_z_t.shape[0] != n:
+        raise ValueError(f"delta_z_t must be [{n}] or [{n}, k], got {tuple(delta_z_t.shape)}")
+    delta_z_h = _check_float_tensor("delta_z_h", delta_z_h)
+    if delta_z_h.shape != delta_z_t.shape:
+        raise ValueError(f"delta_z_h must have delta_z_t's shape {tuple(delta_z_t.shape)}, got {tuple(delta_z_h.shape)}")
     factor = _cholesky("kernel", kernel)
-    g, t, h = torch.linalg.solve_triangular(factor, torch.stack(vectors, dim=1), upper=False).unbind(1)
-    tt = t @ t
-    if float(tt) == 0.0:
+    k = 1 if delta_z_t.dim() == 1 else delta_z_t.shape[1]
+    rhs = torch.cat([delta_z_g.double()[:, None], delta_z_t.double().reshape(n, k), delta_z_h.double().reshape(n, k)], 1)
+    u = torch.linalg.solve_triangular(factor, rhs, upper=False)  # ⟨a, b⟩_Θ = (L⁻¹a)·(L⁻¹b)
+    g, t, h = u[:, :1], u[:, 1 : 1 + k], u[:, 1 + k :]
+    tt = (t * t).sum(0)
+    if bool((tt == 0).any()):
         raise ValueError("delta_z_t must not be zero (the teacher's weight change defines the projection)")
-    return g @ h - (g @ t) / tt * (t @ h)
+    out = (g * h).sum(0) - (g * t).sum(0) / tt * (t * h).sum(0)
+    return out[0] if delta_z_t.dim() == 1 else out

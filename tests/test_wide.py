@@ -360,13 +360,21 @@ def test_hard_label_projection_is_the_cosine_derivative():
     fd = (cosine(1 - eps) - cosine(1.0)) / eps
     norms = weight_change_norms(kernel, torch.stack([zg, zt], 1))[-1]
     np.testing.assert_allclose(float(proj / (norms[0] * norms[1])), fd, rtol=1e-3)
+    # several teachers at once: the columns of [n, k] give the same as one at a time
+    teachers = torch.stack([zt, 0.5 * zt + zg, -zt], 1)
+    corrections = hard_label_correction(teachers, y[:, None].expand(-1, 3), temperature=T)
+    batched = hard_label_projection(kernel, zg, teachers, corrections)
+    assert batched.shape == (3,)
+    for j in range(3):
+        torch.testing.assert_close(batched[j], hard_label_projection(kernel, zg, teachers[:, j], corrections[:, j]))
+    torch.testing.assert_close(batched[0], proj)
 
 
 # --------------------------------------------------------------------------- bad inputs
 
 
 def test_kernel_functions_reject_bad_inputs():
-    x = torch.rand(4, 2, dtype=F64)
+    x = torch.rand(4, 2, generator=torch.Generator().manual_seed(13), dtype=F64)
     kernel = relu_ntk(x, depth=2)
     with pytest.raises(ValueError, match="depth"):
         relu_ntk(x, depth=0)
@@ -396,6 +404,8 @@ def test_kernel_functions_reject_bad_inputs():
         feature_angles(torch.ones(3), torch.ones(3), 0.0)
     with pytest.raises(ValueError, match="delta_z_h"):
         hard_label_projection(kernel, torch.ones(4, dtype=F64), torch.ones(4, dtype=F64), torch.ones(3, dtype=F64))
+    with pytest.raises(ValueError, match="delta_z_g"):
+        hard_label_projection(kernel, torch.ones(4, 1, dtype=F64), torch.ones(4, dtype=F64), torch.ones(4, dtype=F64))
     with pytest.raises(ValueError, match="delta_z_t"):
         hard_label_projection(kernel, torch.ones(4, dtype=F64), torch.zeros(4, dtype=F64), torch.ones(4, dtype=F64))
     with pytest.raises(ValueError, match="temperature"):
