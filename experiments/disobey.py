@@ -1,6 +1,6 @@
 """Seed 001 (On student-teacher deviations in distillation: does it pay to disobey?), three parts:
 
-    python experiments/disobey.py                # all three parts (minutes on 2 CPU cores)
+    python experiments/disobey.py                # all three parts (4.5 min on 2 busy CPU cores)
     python experiments/disobey.py theorem        # part 1: Theorem 4.1, gradient flow and gradient descent
     python experiments/disobey.py trajectories   # part 2: eigen-trajectories of first-layer weights (App. D.4-D.6)
     python experiments/disobey.py confidence     # part 3: confidence exaggeration (section 3, App. C.4, section 5.1)
@@ -17,7 +17,8 @@
 2. **Eigen-trajectories.** A random-features model on digits with 25% label noise, an MLP and a
    small CNN on digits (MNIST / CIFAR-10 when their files are given), each trained one-hot
    (teacher) and self-distilled (student: same architecture and initialization, soft loss on
-   the teacher's final probabilities), Adam, cross-entropy (:func:`kdfast.distillation_loss`).
+   the teacher's final probabilities), Adam, cross-entropy (:func:`kdfast.distillation_loss`);
+   a second one-hot teacher (other batch order) is the comparison's baseline; 3 runs each.
    The first-layer weights over training are projected onto the data eigendirections
    (the patch eigenbasis for the CNN); random pairs are plotted (bottom direction on x, top on y)
    and we count how often the student's trajectory leans more to the top direction.
@@ -571,6 +572,7 @@ class SettingRun:
     init: nn.Module        # the shared initialization (and, for random features, the features)
     teacher: Trained
     student: Trained
+    control: Trained       # a second one-hot teacher, other batch order: the measures' baseline
 
 
 def run_setting(setting: str, args: argparse.Namespace, log: Log, checkpoints: int, repeat: int) -> SettingRun:
@@ -592,11 +594,13 @@ def run_setting(setting: str, args: argparse.Namespace, log: Log, checkpoints: i
     student = train(copy.deepcopy(init), data, hyper, teacher_logits=teacher.logits_train,
                     temperature=args.temperature, seed=batch_seed, checkpoints=checkpoints,
                     desc=f"{tag} student", show=show)
-    for name, r in (("teacher", teacher), ("student", student)):
+    control = train(copy.deepcopy(init), data, hyper, teacher_logits=None, temperature=1.0, seed=batch_seed + 50,
+                    checkpoints=checkpoints, desc=f"{tag} control", show=show)
+    for name, r in (("teacher", teacher), ("student", student), ("control", control)):
         acc = accuracies(r, data)
         log(f"{tag} {name}: {hyper.epochs} epochs in {r.seconds:.1f} s, final loss {r.losses[-1]:.4f}; "
             "accuracy " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
-    return SettingRun(setting, data, hyper, init, teacher, student)
+    return SettingRun(setting, data, hyper, init, teacher, student, control)
 
 
 def accuracies(r: Trained, data: ImageData) -> dict[str, float]:
@@ -658,49 +662,68 @@ def normalized_lean(top: np.ndarray, bottom: np.ndarray) -> float:
     return float(np.sum((py[1:] + py[:-1]) / 2 * np.diff(px)) - 0.5)
 
 
+def fraction_left_of(a: np.ndarray, b: np.ndarray, i: int, j: int, levels: int = 19) -> float:
+    """Of equally spaced levels of the top-direction (i) displacement reached by both paths, the
+    fraction at which path ``a`` has the smaller bottom-direction (j) displacement than ``b``: the
+    theorem's comparison at equal convergence along the top direction."""
+    common = min(a[:, i].max(), b[:, i].max()) * np.linspace(0.05, 0.95, levels)
+    xa = bottom_at_levels(a[:, i], a[:, j], common)
+    xb = bottom_at_levels(b[:, i], b[:, j], common)
+    ok = ~(np.isnan(xa) | np.isnan(xb))
+    return float((xa[ok] < xb[ok]).mean()) if ok.any() else float("nan")
+
+
 def analyse_trajectories(run: SettingRun, basis: EigenBasis, rank: int, n_pairs: int,
                          rng: np.random.Generator) -> dict[str, Any]:
-    """Project both models' first-layer trajectories onto the basis (kdfast eigenprojection) and
-    compare them on random pairs (i top, j bottom) of directions outside the null space."""
+    """Project the models' first-layer trajectories onto the basis (kdfast eigenprojection) and
+    compare student and teacher on pairs (i top, j bottom) of directions outside the null space;
+    the control (a second one-hot teacher) against the teacher gives the comparison's baseline."""
     V = basis.vectors[:, :rank]
     proj = {}
-    for name, r in (("teacher", run.teacher), ("student", run.student)):
+    for name, r in (("teacher", run.teacher), ("student", run.student), ("control", run.control)):
         W = r.weights.to(torch.float64)
         proj[name] = {"raw": eigenprojection(W, V).numpy(), "displacement": eigenprojection(W - W[0], V).numpy()}
-    pairs = set()
-    while len(pairs) < min(n_pairs, rank * (rank - 1) // 2):
-        i, j = sorted(rng.choice(rank, size=2, replace=False).tolist())
-        pairs.add((i, j))
-    pairs = sorted(pairs)
-    levels_q = np.linspace(0.05, 0.95, 19)
+    if rank * (rank - 1) // 2 <= n_pairs:  # every pair, in random order (the figure shows the first few)
+        every = [(i, j) for i in range(rank) for j in range(i + 1, rank)]
+        pairs = [every[k] for k in rng.permutation(len(every))]
+    else:
+        chosen: set[tuple[int, int]] = set()
+        while len(chosen) < n_pairs:
+            i, j = sorted(rng.choice(rank, size=2, replace=False).tolist())
+            chosen.add((i, j))
+        pairs = list(chosen)
+        rng.shuffle(pairs)
+    dt, ds, dc = (proj[name]["displacement"] for name in ("teacher", "student", "control"))
     rows = []
     for i, j in pairs:
-        dt, ds = proj["teacher"]["displacement"], proj["student"]["displacement"]
-        common = min(dt[:, i].max(), ds[:, i].max())
-        xt = bottom_at_levels(dt[:, i], dt[:, j], common * levels_q)
-        xs = bottom_at_levels(ds[:, i], ds[:, j], common * levels_q)
-        ok = ~(np.isnan(xt) | np.isnan(xs))
-        student_left = float((xs[ok] < xt[ok]).mean()) if ok.any() else float("nan")
         rows.append({"top": i, "bottom": j, "lambda_top": float(basis.values[i]), "lambda_bottom": float(basis.values[j]),
-                     "levels_student_left": student_left,
-                     "lean_teacher": normalized_lean(dt[:, i], dt[:, j]), "lean_student": normalized_lean(ds[:, i], ds[:, j])})
+                     "levels_student_left": fraction_left_of(ds, dt, i, j),
+                     "levels_control_left": fraction_left_of(dc, dt, i, j),
+                     "lean_teacher": normalized_lean(dt[:, i], dt[:, j]), "lean_student": normalized_lean(ds[:, i], ds[:, j]),
+                     "lean_control": normalized_lean(dc[:, i], dc[:, j])})
     return {"rows": rows, "proj": proj, "pairs": pairs}
 
 
 def summarize_trajectories(rows_by_run: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    """Fractions over the random pairs of all runs, and per run."""
+    """Fractions over the pairs of all runs, and per run."""
 
     def fractions(rows: list[dict[str, Any]]) -> dict[str, float]:
-        left = np.array([r["levels_student_left"] for r in rows])
-        left = left[~np.isnan(left)]
+        def valid(key: str) -> np.ndarray:
+            v = np.array([r[key] for r in rows])
+            return v[~np.isnan(v)]
+
+        left, control_left = valid("levels_student_left"), valid("levels_control_left")
         lean_t = np.array([r["lean_teacher"] for r in rows])
         lean_s = np.array([r["lean_student"] for r in rows])
+        lean_c = np.array([r["lean_control"] for r in rows])
         return {
             "pairs": len(rows),
             "fraction_pairs_student_leans_more_top": float(np.mean(left > 0.5)),
             "fraction_levels_student_leans_more_top": float(np.mean(left)),
+            "fraction_pairs_control_leans_more_top": float(np.mean(control_left > 0.5)),
             "fraction_pairs_teacher_lean_positive": float(np.mean(lean_t > 0)),
             "fraction_pairs_student_lean_greater": float(np.mean(lean_s > lean_t)),
+            "fraction_pairs_control_lean_greater": float(np.mean(lean_c > lean_t)),
             "median_lean_teacher": float(np.median(lean_t)), "median_lean_student": float(np.median(lean_s)),
         }
 
@@ -709,7 +732,8 @@ def summarize_trajectories(rows_by_run: list[list[dict[str, Any]]]) -> dict[str,
     return {**pooled, "runs": len(rows_by_run),
             "per_run_fraction_pairs_student_leans_more_top": [f["fraction_pairs_student_leans_more_top"] for f in per_run],
             "per_run_fraction_pairs_teacher_lean_positive": [f["fraction_pairs_teacher_lean_positive"] for f in per_run],
-            "pair_details": rows_by_run}
+            "per_run_fraction_pairs_control_leans_more_top": [f["fraction_pairs_control_leans_more_top"] for f in per_run],
+            "pair_details_first_30_per_run": [rows[:30] for rows in rows_by_run]}
 
 
 def trajectory_figure(run: SettingRun, analysis: dict[str, Any], basis: EigenBasis, path: Path, shown: int = 4) -> None:
@@ -895,7 +919,7 @@ def trajectory_claims(res: dict[str, Any]) -> list[dict[str, str]]:
     claims = []
     for setting, r in res.items():
         s = r["summary"]
-        runs = f"{s['pairs']} random pairs over {s['runs']} runs"
+        runs = f"{s['pairs']} pairs over {s['runs']} runs"
         claims.append({
             "part": "trajectories", "claim": f"{setting}: the teacher converges faster along the top direction "
             "(implicit bias: normalized lean > 0)",
@@ -908,15 +932,24 @@ def trajectory_claims(res: dict[str, Any]) -> list[dict[str, str]]:
         claims.append({
             "part": "trajectories", "claim": f"{setting}: the self-distilled student leans more to the top direction "
             "than the teacher (smaller bottom displacement at equal top displacement)",
-            "paper": "in nearly all randomly picked pairs (Fig. 19-21)",
+            "paper": "in nearly all randomly picked pairs (Fig. 19-21; a few dozen plotted)",
             "ours": f"{s['fraction_pairs_student_leans_more_top']:.0%} of {runs} (per run "
                     f"{fmt_list(s['per_run_fraction_pairs_student_leans_more_top'], '.0%')}; "
-                    f"{s['fraction_levels_student_leans_more_top']:.0%} of matched levels); normalized lean greater "
-                    f"in {s['fraction_pairs_student_lean_greater']:.0%} (median {s['median_lean_student']:.3f} vs "
+                    f"{s['fraction_levels_student_leans_more_top']:.0%} of matched levels); baseline, a second one-hot "
+                    f"teacher against the teacher: {s['fraction_pairs_control_leans_more_top']:.0%}; normalized lean "
+                    f"greater in {s['fraction_pairs_student_lean_greater']:.0%} (control "
+                    f"{s['fraction_pairs_control_lean_greater']:.0%}; median {s['median_lean_student']:.3f} vs "
                     f"teacher {s['median_lean_teacher']:.3f})",
-            "verdict": verdict(s["fraction_pairs_student_leans_more_top"]),
+            "verdict": lean_verdict(s["fraction_pairs_student_leans_more_top"], s["fraction_pairs_control_leans_more_top"]),
         })
     return claims
+
+
+def lean_verdict(student: float, control: float) -> str:
+    """"Nearly all pairs" is 80%; anything less counts only when clearly above the control's baseline."""
+    if student >= 0.8 and student > control + 0.05:
+        return "reproduced"
+    return "partly" if student > max(0.5, control + 0.05) else "not reproduced"
 
 
 def confidence_claims(res: dict[str, Any], tail: float) -> list[dict[str, str]]:
@@ -1020,21 +1053,28 @@ def write_report(out: Path, summary: dict[str, Any], argv: list[str]) -> None:
             lines.append("")
     if "trajectories" in parts:
         lines += ["", "## Part 2: eigen-trajectories", "",
-                  ("Components of the first-layer weights along data eigendirections, ||W_t v|| (as plotted in the "
+                  (f"Pairs: every pair of directions outside the data's null space when there are at most "
+                   f"{summary['config']['pairs']:,} of them (CNN: 36, MLP: 1,830), else that many at random (random "
+                   "features). Components of the first-layer weights along data eigendirections, ||W_t v|| (as plotted in the "
                    "paper) and the displacement from the shared initialization ||(W_t - W_0) v|| (the theorem starts "
                    "from 0). *Student leans more to the top*: at 19 equally spaced levels of the top-direction "
                    "displacement reached by both models, the student's bottom-direction displacement is smaller at "
-                   "the majority of them (the theorem's comparison). *Normalized lean*: the area under the path drawn "
+                   "the majority of them (the theorem's comparison). *Control*: the same comparison of a second "
+                   "one-hot teacher (same initialization, other batch order) against the teacher, the baseline of "
+                   "a model with no distillation. *Normalized lean*: the area under the path drawn "
                    "in each model's own fraction-covered axes, minus 1/2 (App. D.3's reading of the plots: 0 for a "
                    "straight path, 1/2 for top-first-then-bottom)."), ""]
         for setting, r in parts["trajectories"].items():
             s = r["summary"]
             lines += [f"### {setting}", "", f"- basis: {r['basis']}",
-                      (f"- {s['pairs']} random pairs of directions over {s['runs']} runs: student leans more to the top "
+                      (f"- {s['pairs']} pairs of directions over {s['runs']} runs: student leans more to the top "
                        f"in {s['fraction_pairs_student_leans_more_top']:.0%} (per run "
-                       f"{fmt_list(s['per_run_fraction_pairs_student_leans_more_top'], '.0%')}); normalized lean: "
+                       f"{fmt_list(s['per_run_fraction_pairs_student_leans_more_top'], '.0%')}), a second one-hot "
+                       f"teacher (control) in {s['fraction_pairs_control_leans_more_top']:.0%} (per run "
+                       f"{fmt_list(s['per_run_fraction_pairs_control_leans_more_top'], '.0%')}); normalized lean: "
                        f"teacher > 0 in {s['fraction_pairs_teacher_lean_positive']:.0%}, student > teacher in "
-                       f"{s['fraction_pairs_student_lean_greater']:.0%}"), "",
+                       f"{s['fraction_pairs_student_lean_greater']:.0%}, control > teacher in "
+                       f"{s['fraction_pairs_control_lean_greater']:.0%}"), "",
                       f"![{setting}](trajectories_{setting}.png)", ""]
     if "confidence" in parts:
         lines += ["", "## Part 3: confidence exaggeration", "",
@@ -1088,7 +1128,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoints", type=int, default=200, help="first-layer weights kept per training run")
     p.add_argument("--runs", type=int, default=3,
                    help="parts 2-3: teacher/student runs per setting (initialization and batch order; --quick: 1)")
-    p.add_argument("--pairs", type=int, default=100, help="part 2: random pairs of eigendirections per setting and run")
+    p.add_argument("--pairs", type=int, default=2000,
+                   help="part 2: pairs of eigendirections per setting and run: all of them when there are no more "
+                        "than this, else this many at random")
     p.add_argument("--tail-fraction", type=float, default=0.25,
                    help="part 3: fraction of lowest / highest teacher-confidence points for the slopes")
     args = p.parse_args(argv)
@@ -1156,10 +1198,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     trajectory_figure(run, analysis, basis, out / f"trajectories_{setting}.png")
                     first_basis = basis
             s = summarize_trajectories(rows_by_run)
-            log(f"[{setting}] {s['pairs']} random pairs over {s['runs']} runs: student leans more to the top in "
+            log(f"[{setting}] {s['pairs']} pairs over {s['runs']} runs: student leans more to the top in "
                 f"{s['fraction_pairs_student_leans_more_top']:.1%} (per run "
                 f"{fmt_list(s['per_run_fraction_pairs_student_leans_more_top'], '.0%')}; "
-                f"{s['fraction_levels_student_leans_more_top']:.1%} of levels); teacher lean > 0 in "
+                f"{s['fraction_levels_student_leans_more_top']:.1%} of levels), control (second one-hot teacher) in "
+                f"{s['fraction_pairs_control_leans_more_top']:.1%}; teacher lean > 0 in "
                 f"{s['fraction_pairs_teacher_lean_positive']:.1%}; student lean > teacher's in "
                 f"{s['fraction_pairs_student_lean_greater']:.1%}; median lean teacher {s['median_lean_teacher']:.3f}, "
                 f"student {s['median_lean_student']:.3f}")

@@ -59,7 +59,7 @@ def test_quick_all(tmp_path):
         s = results["parts"]["trajectories"][setting]["summary"]
         assert s["pairs"] >= 10
         for key in ("fraction_pairs_student_leans_more_top", "fraction_pairs_teacher_lean_positive",
-                    "fraction_pairs_student_lean_greater"):
+                    "fraction_pairs_student_lean_greater", "fraction_pairs_control_leans_more_top"):
             assert 0.0 <= s[key] <= 1.0, (setting, key)
         assert abs(s["median_lean_teacher"]) <= 0.5
 
