@@ -270,7 +270,7 @@ def _effective_student_logits_fake(teacher_logits, hard_labels, soft_ratio, temp
 
 
 def _effective_student_logits_setup_context(ctx, inputs, output):
-    teacher_logits, hard_labels, soft_ratio, temperature = inputs
+    teacher_logits, _, soft_ratio, temperature = inputs
     ctx.save_for_backward(teacher_logits, output)
     ctx.soft_ratio, ctx.temperature = soft_ratio, temperature
 
