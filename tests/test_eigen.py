@@ -337,3 +337,43 @@ def test_closed_form_components_are_the_theorem_factors():
     student = components(student_flow_weights(X, y, T, t), basis)[0, :8]
     np.testing.assert_allclose(teacher, -np.expm1(-lam * t) * c, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(student, -np.expm1(-lam * t) * -np.expm1(-lam * T) * c, rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- the op: layouts, upstream gradients
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eigenprojection_non_contiguous_inputs(dtype):
+    """Transposed / strided weights and basis give the reference's result."""
+    g = torch.Generator().manual_seed(3)
+    weights = torch.randn(5, 11, 13, 2, dtype=dtype, generator=g)[..., 0].transpose(1, 2)  # [5, 13, 11], strided
+    basis = torch.randn(6, 11, dtype=dtype, generator=g).T  # [11, 6], transposed
+    assert not weights.is_contiguous() and not basis.is_contiguous()
+    got = kdfast.ops.eigenprojection(weights, basis)
+    want = kdfast.reference.eigenprojection(weights.double(), basis.double())
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_eigenprojection_gradient_with_upstream_weights():
+    """A non-unit upstream gradient reaches weights and basis as the reference's autograd does."""
+    g = torch.Generator().manual_seed(4)
+    weights = torch.randn(3, 7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    basis = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    upstream = torch.randn(3, 4, dtype=torch.float64, generator=g) * 3.0
+    got = torch.autograd.grad(kdfast.ops.eigenprojection(weights, basis), (weights, basis), upstream)
+    want = torch.autograd.grad(kdfast.reference.eigenprojection(weights, basis), (weights, basis), upstream)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_eigenprojection_large_and_zero_weights():
+    """Huge entries do not overflow in float32 where the norm itself fits; a zero matrix gives 0, gradient 0."""
+    weights = torch.full((1, 4, 3), 1e18)
+    basis = torch.eye(3)
+    torch.testing.assert_close(kdfast.ops.eigenprojection(weights, basis), torch.full((1, 3), 2e18))
+    zero = torch.zeros(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    out = kdfast.ops.eigenprojection(zero, torch.eye(3, dtype=torch.float64))
+    assert torch.equal(out, torch.zeros(2, 3, dtype=torch.float64))
+    (grad,) = torch.autograd.grad(out.sum(), zero)
+    assert torch.equal(grad, torch.zeros_like(zero))

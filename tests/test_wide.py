@@ -12,6 +12,7 @@ import torch
 from scipy.optimize import brentq
 from scipy.special import expit
 
+import kdfast.reference as kdfast_reference
 from kdfast.wide import (
     NTKReLUNetwork,
     accumulative_angle_distribution,
@@ -414,3 +415,35 @@ def test_kernel_functions_reject_bad_inputs():
         NTKReLUNetwork(2, 0, 2)
     with pytest.raises(TypeError, match="model"):
         empirical_ntk(lambda v: v, x)
+
+
+# --------------------------------------------------------------------------- the op: reference, layouts, gradients
+
+
+def test_effective_logits_match_kdfast_reference_on_non_contiguous_input():
+    """The op on transposed float32 inputs equals kdfast.reference (brentq) to float32 precision."""
+    g = torch.Generator().manual_seed(5)
+    zt = (torch.randn(7, 6, generator=g) * 20).T  # [6, 7], transposed
+    y = (torch.rand(7, 6, generator=g) > 0.5).float().T
+    assert not zt.is_contiguous()
+    got = torch.ops.kdfast.effective_student_logits(zt, y, 0.3, 2.0)
+    want = kdfast_reference.effective_student_logits(zt.double(), y.double(), 0.3, 2.0)
+    assert got.dtype == torch.float32 and got.shape == zt.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rho", [0.2, 0.8])
+def test_effective_logits_gradient_with_upstream_weights(rho):
+    """dz/dz_t and dz/dy times a non-unit upstream gradient, against central differences of the op."""
+    g = torch.Generator().manual_seed(6)
+    zt = torch.randn(9, dtype=F64, generator=g) * 4
+    y = torch.rand(9, dtype=F64, generator=g)
+    upstream = torch.randn(9, dtype=F64, generator=g) * 2.5
+    zt_, y_ = zt.clone().requires_grad_(), y.clone().requires_grad_()
+    got_t, got_y = torch.autograd.grad(torch.ops.kdfast.effective_student_logits(zt_, y_, rho, 1.5), (zt_, y_), upstream)
+    h = 1e-6
+    op = torch.ops.kdfast.effective_student_logits
+    fd_t = (op(zt + h, y, rho, 1.5) - op(zt - h, y, rho, 1.5)) / (2 * h) * upstream
+    fd_y = (op(zt, y + h, rho, 1.5) - op(zt, y - h, rho, 1.5)) / (2 * h) * upstream
+    torch.testing.assert_close(got_t, fd_t, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_y, fd_y, rtol=1e-5, atol=1e-7)
