@@ -40,11 +40,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import copy
-import gzip
 import json
 import math
 import pickle
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,6 +55,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from paper_math import load_idx_pair
 from xmc import Log, device_description, git_commit
 
 import kdfast
@@ -336,32 +335,9 @@ def load_digits_data(seed: int, train_size: int) -> tuple[Tensor, Tensor, Tensor
     return x[tr], y[tr], x[te], y[te], f"sklearn digits (1,797 8x8 images): {len(tr):,} train / {len(te):,} test"
 
 
-def _open_maybe_gz(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An MNIST IDX file (uint8 data), gzipped or not."""
-    with _open_maybe_gz(path) as f:
-        zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError(f"{path}: not an unsigned-byte IDX file")
-        shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
-        return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape)
-
-
-def _find(directory: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz"):
-        if (directory / name).is_file():
-            return directory / name
-    raise FileNotFoundError(f"{directory}: no {stem} (or {stem}.gz)")
-
-
 def load_mnist(directory: Path, seed: int, train_size: int, test_size: int):
-    x_tr = read_idx(_find(directory, "train-images-idx3-ubyte"))
-    y_tr = read_idx(_find(directory, "train-labels-idx1-ubyte"))
-    x_te = read_idx(_find(directory, "t10k-images-idx3-ubyte"))
-    y_te = read_idx(_find(directory, "t10k-labels-idx1-ubyte"))
+    x_tr, y_tr = load_idx_pair(directory, "train")
+    x_te, y_te = load_idx_pair(directory, "test")
     return _subsample(x_tr[:, None], y_tr, x_te[:, None], y_te, seed, train_size, test_size,
                       f"MNIST from {directory}")
 

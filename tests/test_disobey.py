@@ -165,5 +165,5 @@ def test_mnist_and_cifar_loaders(tmp_path):
             pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}, f)
     x_tr, y_tr, x_te, _, desc = disobey.load_cifar10(cifar, seed=0, train_size=10, test_size=4)
     assert x_tr.shape == (10, 3, 32, 32) and x_te.shape == (4, 3, 32, 32) and len(y_tr) == 10
-    with pytest.raises(FileNotFoundError, match="no train-images-idx3-ubyte"):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
         disobey.load_mnist(cifar, 0, 1, 1)
