@@ -55,8 +55,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import Log, device_description, git_commit
 from paper_math import load_idx_pair
-from xmc import Log, device_description, git_commit
 
 import kdfast
 from kdfast.eigen import EigenBasis, data_eigenbasis, eigenprojection, patch_eigenbasis

@@ -46,7 +46,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import paper_math as pm
-from xmc import Log, device_description, git_commit
+from common import Log, device_description, git_commit, json_default
 
 import kdfast
 
@@ -1023,13 +1023,6 @@ def write_report(args: argparse.Namespace, results: dict, out: Path, seconds: fl
             lines += ["", *claims_table(w["claims"]), "", f"![widths {name}](widths_{name}.png)"]
         lines.append("")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-
-
-def json_default(value):
-    """numpy scalars as Python ones (a numpy bool stays a bool)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def main(argv: list[str] | None = None) -> dict:

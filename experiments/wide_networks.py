@@ -48,7 +48,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from xmc import Log, device_description, git_commit
+from common import Log, device_description, git_commit
 
 import kdfast
 from kdfast.wide import (

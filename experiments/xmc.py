@@ -26,11 +26,8 @@ test x labels matrix).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,6 +42,9 @@ import kdfast
 from kdfast.data import l2_normalize, read_xmlrepo, scaled_preset
 from kdfast.metrics import evaluate, inverse_propensity
 from kdfast.models import SparseLinearClassifier, save_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Log, device_description, git_commit
 
 try:
     from tqdm.auto import tqdm
@@ -156,40 +156,6 @@ def parse_args(spec: DatasetSpec, argv: list[str] | None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- logging
-
-
-class Log:
-    """Print and keep every line for log.txt."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __call__(self, msg: str = "") -> None:
-        print(msg, flush=True)
-        self.lines.append(msg)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=False).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
-
-
-def device_description(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    model = platform.processor() or "CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model} ({torch.get_num_threads()} threads)"
 
 
 def progress(iterable, total: int, desc: str, enabled: bool):
