@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import pickle
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_files import write_idx
 from scipy.special import logit, softmax
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,13 +132,6 @@ def test_teacher_bracket():
     np.testing.assert_allclose(lo[:2], [0.1, 0.1])
     np.testing.assert_allclose(hi[:2], [0.1, 0.3])
     assert np.isnan(lo[2]) and np.isnan(hi[2])
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def test_mnist_and_cifar_loaders(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_files import write_idx
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "experiments" / "double_descent.py"
@@ -67,11 +68,6 @@ def test_help_and_bad_arguments(capsys):
     args = script.parse_args([])
     assert args.seed == 0 and args.parts == list(script.PARTS) and args.mnist is None
     assert args.out.parts[-2:] == ("results", "double_descent")
-
-
-def write_idx(path: Path, arr: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
-    path.write_bytes(header + arr.astype(np.uint8).tobytes())
 
 
 def test_fig1_reads_mnist_idx_files(tmp_path):

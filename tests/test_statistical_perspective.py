@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_files import write_idx
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "experiments" / "statistical_perspective.py"
@@ -79,11 +80,6 @@ def test_help_and_bad_arguments(capsys):
     args = script.parse_args([])
     assert args.seed == 0 and args.parts == list(script.PARTS) and args.fashion_mnist is None
     assert args.out.parts[-2:] == ("results", "statistical_perspective")
-
-
-def write_idx(path: Path, arr: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
-    path.write_bytes(header + arr.astype(np.uint8).tobytes())
 
 
 def test_real_data_parts_on_fake_files(tmp_path):
