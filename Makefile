@@ -41,15 +41,26 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_fused_linear.py
 	$(PY) benchmarks/bench_labeling.py
 
-# Compile-check every CUDA kernel file with plain nvcc (no GPU, no torch headers needed).
-cuda-check:
+# Compile-check every CUDA kernel file with plain nvcc (no GPU, no torch headers needed),
+# then syntax-check the torch glue (csrc/cuda_ops.cpp) against this torch's headers and the
+# CUDA runtime's (nvcc drives the host compiler, so it finds its own headers). A CPU torch
+# ships c10/cuda's headers without the one cmake generates (cuda_cmake_macros.h): an empty
+# stand-in is made for the check.
+cuda-check: $(STAMP)
 	@files=$$(ls csrc/cuda/*.cu 2>/dev/null); \
 	if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found, skipped"; \
 	elif [ -z "$$files" ]; then echo "cuda-check: no csrc/cuda/*.cu files yet"; \
-	else mkdir -p $(CUDA_CHECK_DIR) && for f in $$files; do \
+	else mkdir -p $(CUDA_CHECK_DIR)/shim/c10/cuda/impl && for f in $$files; do \
 		echo "nvcc -c $$f (sm_80, sm_90a)"; \
 		$(NVCC) -std=c++17 -O2 $(CUDA_ARCH_FLAGS) -c $$f -o $(CUDA_CHECK_DIR)/$$(basename $$f .cu).o || exit 1; \
-	done; fi
+	done; \
+	echo "#pragma once" > $(CUDA_CHECK_DIR)/shim/c10/cuda/impl/cuda_cmake_macros.h; \
+	torch_inc=$$($(PY) -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))"); \
+	py_inc=$$($(PY) -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])"); \
+	echo "nvcc (host compiler) -fsyntax-only csrc/cuda_ops.cpp"; \
+	$(NVCC) -std=c++17 -Xcompiler -fsyntax-only -Xcompiler -w -DKDFAST_WITH_CUDA -Icsrc $$torch_inc $$py_inc \
+		-I$(CUDA_CHECK_DIR)/shim -c csrc/cuda_ops.cpp -o /dev/null || exit 1; \
+	fi
 
 clean:
 	rm -rf build $(CUDA_CHECK_DIR) kdfast/_C*.so *.egg-info

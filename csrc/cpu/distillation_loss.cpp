@@ -15,35 +15,6 @@
 namespace kdfast::cpu {
 namespace {
 
-// Shape, dtype and value checks of the op's tensors; every message names the argument.
-void check_inputs(const LossConfig& cfg, const at::Tensor& student, const std::optional<at::Tensor>& target,
-                  const std::optional<at::Tensor>& teacher) {
-  TORCH_CHECK_TYPE(at::isFloatingType(student.scalar_type()),
-                   "student_logits must be a floating-point tensor, got ", student.scalar_type());
-  TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must have shape [B, V], got ", student.sizes());
-  const int64_t B = student.size(0), V = student.size(1);
-  TORCH_CHECK_VALUE(V > 0, "student_logits must have at least one class (V = 0)");
-  if (target.has_value()) {
-    TORCH_CHECK_TYPE(target->scalar_type() == at::kLong, "target must be int64, got ", target->scalar_type());
-    TORCH_CHECK_VALUE(target->dim() == 1 && target->size(0) == B, "target must have shape [", B, "], got ",
-                      target->sizes());
-    TORCH_CHECK_VALUE(target->device() == student.device(), "target is on ", target->device(),
-                      " but student_logits is on ", student.device());
-  } else {
-    TORCH_CHECK_VALUE(!cfg.hard(), "hard_weight > 0 needs target");
-  }
-  if (teacher.has_value()) {
-    TORCH_CHECK_TYPE(teacher->scalar_type() == student.scalar_type(), "teacher_logits has dtype ",
-                     teacher->scalar_type(), " but student_logits has ", student.scalar_type());
-    TORCH_CHECK_VALUE(teacher->sizes() == student.sizes(), "teacher_logits must have shape ", student.sizes(),
-                      ", got ", teacher->sizes());
-    TORCH_CHECK_VALUE(teacher->device() == student.device(), "teacher_logits is on ", teacher->device(),
-                      " but student_logits is on ", student.device());
-  } else {
-    TORCH_CHECK_VALUE(!cfg.needs_teacher(), "soft_weight > 0 or double_weight > 0 needs teacher_logits");
-  }
-}
-
 // Per-thread chunk buffers.
 template <typename acc_t>
 struct Scratch {
@@ -70,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> distillation_loss_forward_cpu(
                                       std::string(negative_weighting), negative_scale, negative_shift,
                                       label_smoothing, ignore_index,
                                       student_logits.dim() == 2 ? student_logits.size(1) : 0);
-  check_inputs(cfg0, student_logits, target, teacher_logits);
+  check_dense_inputs(cfg0, student_logits, target, teacher_logits);
   const int64_t B = student_logits.size(0), V = student_logits.size(1);
   const at::Tensor f_all = student_logits.contiguous();
   const at::Tensor s_all = cfg0.needs_teacher() ? teacher_logits->contiguous() : at::Tensor();
@@ -127,7 +98,7 @@ at::Tensor distillation_loss_backward_cpu(
                                       std::string(negative_weighting), negative_scale, negative_shift,
                                       label_smoothing, ignore_index,
                                       student_logits.dim() == 2 ? student_logits.size(1) : 0);
-  check_inputs(cfg0, student_logits, target, teacher_logits);
+  check_dense_inputs(cfg0, student_logits, target, teacher_logits);
   const int64_t B = student_logits.size(0), V = student_logits.size(1);
   const auto stats_type = student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   check_backward_inputs(grad_losses, stats, B, stats_type, "distillation_loss_forward");

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <optional>
 #include <string>
 #include <type_traits>
 
@@ -31,6 +32,61 @@ inline LossConfig make_config(double hard_weight, double soft_weight, double dou
   return cfg;
 }
 
+// Shape, dtype and device checks of the dense loss op's tensors (every message
+// names the argument); shared by the CPU kernels and the CUDA glue.
+inline void check_dense_inputs(const LossConfig& cfg, const at::Tensor& student, const std::optional<at::Tensor>& target,
+                  const std::optional<at::Tensor>& teacher) {
+  TORCH_CHECK_TYPE(at::isFloatingType(student.scalar_type()),
+                   "student_logits must be a floating-point tensor, got ", student.scalar_type());
+  TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must have shape [B, V], got ", student.sizes());
+  const int64_t B = student.size(0), V = student.size(1);
+  TORCH_CHECK_VALUE(V > 0, "student_logits must have at least one class (V = 0)");
+  if (target.has_value()) {
+    TORCH_CHECK_TYPE(target->scalar_type() == at::kLong, "target must be int64, got ", target->scalar_type());
+    TORCH_CHECK_VALUE(target->dim() == 1 && target->size(0) == B, "target must have shape [", B, "], got ",
+                      target->sizes());
+    TORCH_CHECK_VALUE(target->device() == student.device(), "target is on ", target->device(),
+                      " but student_logits is on ", student.device());
+  } else {
+    TORCH_CHECK_VALUE(!cfg.hard(), "hard_weight > 0 needs target");
+  }
+  if (teacher.has_value()) {
+    TORCH_CHECK_TYPE(teacher->scalar_type() == student.scalar_type(), "teacher_logits has dtype ",
+                     teacher->scalar_type(), " but student_logits has ", student.scalar_type());
+    TORCH_CHECK_VALUE(teacher->sizes() == student.sizes(), "teacher_logits must have shape ", student.sizes(),
+                      ", got ", teacher->sizes());
+    TORCH_CHECK_VALUE(teacher->device() == student.device(), "teacher_logits is on ", teacher->device(),
+                      " but student_logits is on ", student.device());
+  } else {
+    TORCH_CHECK_VALUE(!cfg.needs_teacher(), "soft_weight > 0 or double_weight > 0 needs teacher_logits");
+  }
+}
+
+// Argument checks of teacher_topk (every message names the argument); shared by
+// the CPU kernel and the CUDA glue.
+inline void check_teacher_topk_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, int64_t k, double temperature) {
+  TORCH_CHECK_TYPE(at::isFloatingType(hidden.scalar_type()), "hidden must be a floating-point tensor, got ",
+                   hidden.scalar_type());
+  TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must have shape [B, d], got ", hidden.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(1), "weight must have shape [V, d] with d = ",
+                    hidden.size(1), ", got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), "weight has dtype ", weight.scalar_type(),
+                   " but hidden has ", hidden.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == hidden.device(), "weight is on ", weight.device(), " but hidden is on ",
+                    hidden.device());
+  const int64_t V = weight.size(0);
+  TORCH_CHECK_VALUE(k >= 1 && k <= V, "k must be in [1, V = ", V, "], got ", k);
+  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == V, "bias must have shape [", V, "], got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == hidden.scalar_type(), "bias has dtype ", bias->scalar_type(),
+                     " but hidden has ", hidden.scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == hidden.device(), "bias is on ", bias->device(), " but hidden is on ",
+                      hidden.device());
+  }
+}
+
 // The backward's inputs from the forward: the upstream gradient of each row's
 // loss and the row statistics the forward returned.
 inline void check_backward_inputs(const at::Tensor& grad_losses, const at::Tensor& stats, int64_t B,
@@ -43,8 +99,14 @@ inline void check_backward_inputs(const at::Tensor& grad_losses, const at::Tenso
                     forward_op);
 }
 
+// Index tensors are checked value by value on the host: a tensor on another
+// device (CUDA) is copied there first, a host sync that its glue accepts for
+// the messages' sake (they name the bad entry).
+inline at::Tensor host_copy(const at::Tensor& t) { return t.is_cpu() ? t : t.cpu(); }
+
 // Rows whose target is ignore_index are skipped; any other target must be a class.
-inline void check_target_values(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+inline void check_target_values(const at::Tensor& target_in, int64_t num_classes, int64_t ignore_index) {
+  const at::Tensor target = host_copy(target_in);
   const int64_t* t = target.data_ptr<int64_t>();
   for (int64_t i = 0; i < target.numel(); ++i) {
     TORCH_CHECK_VALUE(t[i] == ignore_index || (t[i] >= 0 && t[i] < num_classes), "target[", i, "] = ", t[i],

@@ -18,6 +18,7 @@
 #include <optional>
 #include <vector>
 
+#include "kernel_utils.h"
 #include "loss_math.h"
 #include "tiles.h"
 
@@ -199,28 +200,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> teacher_t
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t k,
     double temperature, int64_t tile_size) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK_TYPE(at::isFloatingType(hidden.scalar_type()), "hidden must be a floating-point tensor, got ",
-                   hidden.scalar_type());
-  TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must have shape [B, d], got ", hidden.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(1), "weight must have shape [V, d] with d = ",
-                    hidden.size(1), ", got ", weight.sizes());
-  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), "weight has dtype ", weight.scalar_type(),
-                   " but hidden has ", hidden.scalar_type());
-  TORCH_CHECK_VALUE(weight.device() == hidden.device(), "weight is on ", weight.device(), " but hidden is on ",
-                    hidden.device());
+  check_teacher_topk_inputs(hidden, weight, bias, k, temperature);
   const int64_t B = hidden.size(0), V = weight.size(0);
-  TORCH_CHECK_VALUE(k >= 1 && k <= V, "k must be in [1, V = ", V, "], got ", k);
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
   const auto acc_type = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor b;
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == V, "bias must have shape [", V, "], got ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == hidden.scalar_type(), "bias has dtype ", bias->scalar_type(),
-                     " but hidden has ", hidden.scalar_type());
-    TORCH_CHECK_VALUE(bias->device() == hidden.device(), "bias is on ", bias->device(), " but hidden is on ",
-                      hidden.device());
-    b = bias->to(acc_type).contiguous();
-  }
+  const at::Tensor b = bias.has_value() ? bias->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor h = hidden.to(acc_type).contiguous();
   const at::Tensor w = weight.contiguous();
   const auto opts = h.options();

@@ -1,0 +1,403 @@
+// Torch glue of the CUDA kernels (csrc/cuda/*.cu): argument checks, tile loops
+// and GEMMs, registered with TORCH_LIBRARY_IMPL(kdfast, CUDA, m). Built only for
+// a CUDA torch (setup.py); `make cuda-check` syntax-checks it anywhere nvcc is.
+//
+// First version: each class tile's logits are made by a cuBLAS GEMM (at::mm;
+// bf16/fp16 on tensor cores with float32 output, float32 as torch's TF32
+// setting says) into a [B, tile] float buffer that the kernels of
+// csrc/cuda/loss_tiles.cu reduce; tiles run in order on the current stream.
+// So the logits of one tile, not of the batch, reach global memory. The
+// backward is exact on CUDA: filter_eps is accepted and not used yet.
+// The index checks copy index tensors to the host (kernel_utils.h), one sync.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "cpu/fused_inputs.h"
+#include "cpu/kernel_utils.h"
+#include "cpu/loss_math.h"
+#include "cpu/tiles.h"
+#include "cuda/loss_tiles.h"
+#include "cuda/teacher_topk.h"
+
+namespace kdfast::cuda_glue {
+namespace {
+
+using namespace kdfast::cuda;  // LossTerms, Targets and the kernel launchers
+using cpu::FusedInputs;
+using cpu::LossConfig;
+using cpu::TeacherKind;
+using OptTensor = std::optional<at::Tensor>;
+
+LossTerms loss_terms(const LossConfig& cfg) {
+  LossTerms t;
+  t.hard_weight = cfg.hard_weight;
+  t.soft_weight = cfg.soft_weight;
+  t.double_weight = cfg.double_weight;
+  t.temperature = cfg.temperature;
+  t.negative_weighting =
+      cfg.negative_weighting == cpu::NegativeWeighting::Sigmoid ? kWeightSigmoid : kWeightOneMinusProb;
+  t.negative_scale = cfg.negative_scale;
+  t.negative_shift = cfg.negative_shift;
+  t.label_smoothing = cfg.label_smoothing;
+  t.num_classes = cfg.num_classes;
+  return t;
+}
+
+Targets device_targets(const cpu::BatchTargets& b) {
+  Targets t;
+  t.target = b.target;
+  t.indptr = b.indptr;
+  t.indices = b.indices;
+  t.ignore_index = b.ignore_index;
+  return t;
+}
+
+// Class tile: the [B, tile] student, teacher and gradient buffers in about
+// 96 MiB, a multiple of 128 (at most V).
+int64_t cuda_tile(int64_t requested, int64_t B, int64_t V, int64_t acc_bytes) {
+  int64_t tile = requested;
+  if (tile <= 0) {
+    const int64_t budget_bytes = int64_t(96) << 20;
+    tile = budget_bytes / (std::max<int64_t>(B, 1) * 3 * acc_bytes);
+    tile = std::clamp<int64_t>(tile / 128 * 128, 128, 65536);
+  }
+  return std::min(tile, V);
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// out [B, n] (acc dtype) = x W[c0:c0+n]^T + b[c0:c0+n]; x and W in the input
+// dtype: a bf16/fp16 GEMM writes float32 directly.
+void linear_tile(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t c0, int64_t n,
+                 at::Tensor out) {
+  const at::Tensor w = weight.narrow(0, c0, n);
+  if (x.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, x, w.t());
+  } else {
+    at::mm_out(out, x, w.t(), out.scalar_type());
+  }
+  if (bias.defined()) out.add_(bias.narrow(0, c0, n));
+}
+
+// The teacher logits of classes [c0, c0 + n) into s [B, n].
+template <typename acc_t>
+void teacher_tile(const FusedInputs& in, int64_t c0, int64_t n, at::Tensor s) {
+  switch (in.teacher) {
+    case TeacherKind::Dense:
+      s.copy_(in.teacher_logits.narrow(1, c0, n));
+      break;
+    case TeacherKind::Linear:
+      linear_tile(in.teacher_hidden_in, in.teacher_weight, in.teacher_bias, c0, n, s);
+      break;
+    case TeacherKind::TopK:
+      topk_teacher_tile<acc_t>(in.topk_indices.data_ptr<int64_t>(), in.topk_logits.data_ptr<acc_t>(), in.B,
+                               in.topk_indices.size(1), c0, n, s.data_ptr<acc_t>(), current_stream());
+      break;
+    case TeacherKind::None:
+      break;
+  }
+}
+
+// [B, 2] (max, log-sum) of the log-partition one_minus_prob weights use, or an
+// undefined tensor for sigmoid weights. Forward: the stored lse of a top-k
+// teacher, else a pre-pass over teacher tiles; backward: from the stats.
+template <typename acc_t>
+at::Tensor weights_lse_forward(const LossConfig& cfg, const FusedInputs& in, int64_t tile, at::Tensor& s_buf) {
+  if (!cfg.needs_teacher_prepass()) return at::Tensor();
+  if (in.teacher == TeacherKind::TopK) return at::stack({in.topk_lse, at::zeros_like(in.topk_lse)}, 1).contiguous();
+  at::Tensor lse = at::empty({in.B, 2}, in.hidden.options());
+  init_lse<acc_t>(lse.data_ptr<acc_t>(), in.B, current_stream());
+  for (int64_t c0 = 0; c0 < in.V; c0 += tile) {
+    const int64_t n = std::min(tile, in.V - c0);
+    at::Tensor s = cpu::tile_view(s_buf, in.B, n);
+    teacher_tile<acc_t>(in, c0, n, s);
+    accumulate_lse_tile<acc_t>(s.data_ptr<acc_t>(), in.B, n, lse.data_ptr<acc_t>(), current_stream());
+  }
+  finish_lse<acc_t>(lse.data_ptr<acc_t>(), in.B, current_stream());
+  return lse;
+}
+
+at::Tensor weights_lse_backward(const LossConfig& cfg, const at::Tensor& stats, const at::Tensor& topk_lse) {
+  if (!cfg.needs_teacher_prepass()) return at::Tensor();
+  if (topk_lse.defined()) return at::stack({topk_lse, at::zeros_like(topk_lse)}, 1).contiguous();
+  return at::stack({stats.select(1, cpu::kMaxS), stats.select(1, cpu::kLogSumS)}, 1).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_INPUT_ARGS, KDFAST_LOSS_PARAMS,
+                                                                  int64_t tile_size, double /*filter_eps*/) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the tile GEMMs must not re-enter autograd
+  const c10::cuda::CUDAGuard device_guard(hidden.device());
+  const LossConfig cfg =
+      cpu::make_config(hard_weight, soft_weight, double_weight, temperature, std::string(negative_weighting),
+                       negative_scale, negative_shift, label_smoothing, ignore_index,
+                       weight.dim() == 2 ? weight.size(0) : 0);
+  const FusedInputs in = cpu::prepare_inputs(cfg, hidden, weight, bias, target, target_indptr, target_indices,
+                                             teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
+                                             topk_indices, topk_logits, topk_lse);
+  const int64_t tile = cuda_tile(tile_size, in.B, in.V, at::elementSize(in.acc_type));
+  const auto opts = in.hidden.options();
+  at::Tensor losses = at::empty({in.B}, opts);
+  at::Tensor stats = at::empty({in.B, cpu::kNumRowStats}, opts);
+  const LossTerms terms = loss_terms(cfg);
+  const Targets targets = device_targets(in.targets(cfg.ignore_index));
+  AT_DISPATCH_FLOATING_TYPES(in.acc_type, "fused_linear_loss_forward_cuda", [&] {
+    at::Tensor f_buf = at::empty({in.B * tile}, opts);
+    at::Tensor s_buf = cfg.needs_teacher() ? at::empty({in.B * tile}, opts) : at::Tensor();
+    at::Tensor state = at::empty({in.B, kNumRowState}, opts);
+    init_row_state<scalar_t>(state.data_ptr<scalar_t>(), in.B, current_stream());
+    const at::Tensor lse_w = weights_lse_forward<scalar_t>(cfg, in, tile, s_buf);
+    for (int64_t c0 = 0; c0 < in.V; c0 += tile) {
+      const int64_t n = std::min(tile, in.V - c0);
+      at::Tensor f = cpu::tile_view(f_buf, in.B, n);
+      linear_tile(in.hidden_in, in.weight, in.bias, c0, n, f);
+      at::Tensor s;
+      if (cfg.needs_teacher()) {
+        s = cpu::tile_view(s_buf, in.B, n);
+        teacher_tile<scalar_t>(in, c0, n, s);
+      }
+      accumulate_tile<scalar_t>(terms, targets, f.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(s),
+                                ptr_or_null<scalar_t>(lse_w), in.B, n, c0, state.data_ptr<scalar_t>(),
+                                current_stream());
+    }
+    finish_rows<scalar_t>(terms, targets, state.data_ptr<scalar_t>(), in.B, losses.data_ptr<scalar_t>(),
+                          stats.data_ptr<scalar_t>(), current_stream());
+  });
+  return {losses.to(hidden.scalar_type()), stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
+    const at::Tensor& grad_losses, KDFAST_FUSED_INPUT_ARGS, const at::Tensor& stats, KDFAST_LOSS_PARAMS,
+    int64_t tile_size, double /*filter_eps*/) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard device_guard(hidden.device());
+  const LossConfig cfg =
+      cpu::make_config(hard_weight, soft_weight, double_weight, temperature, std::string(negative_weighting),
+                       negative_scale, negative_shift, label_smoothing, ignore_index,
+                       weight.dim() == 2 ? weight.size(0) : 0);
+  const FusedInputs in = cpu::prepare_inputs(cfg, hidden, weight, bias, target, target_indptr, target_indices,
+                                             teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
+                                             topk_indices, topk_logits, topk_lse);
+  cpu::check_backward_inputs(grad_losses, stats, in.B, in.acc_type, "fused_linear_loss_forward");
+  TORCH_CHECK_VALUE(stats.device() == hidden.device(), "stats is on ", stats.device(), " but student_hidden is on ",
+                    hidden.device());
+  const int64_t tile = cuda_tile(tile_size, in.B, in.V, at::elementSize(in.acc_type));
+  const auto opts = in.hidden.options();
+  const at::Tensor g = grad_losses.to(in.acc_type).contiguous();
+  const at::Tensor st = stats.contiguous();
+  const at::Tensor lse_w =
+      weights_lse_backward(cfg, st, in.teacher == TeacherKind::TopK ? in.topk_lse : at::Tensor());
+  const bool low_precision = in.hidden_in.scalar_type() != in.acc_type;  // bf16 / fp16 GEMMs
+  at::Tensor grad_hidden = at::zeros({in.B, in.d}, opts);
+  at::Tensor grad_weight = at::empty({in.V, in.d}, weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_bias = bias.has_value() ? at::empty({in.V}, opts) : at::Tensor();
+  const LossTerms terms = loss_terms(cfg);
+  const Targets targets = device_targets(in.targets(cfg.ignore_index));
+  AT_DISPATCH_FLOATING_TYPES(in.acc_type, "fused_linear_loss_backward_cuda", [&] {
+    at::Tensor f_buf = at::empty({in.B * tile}, opts);
+    at::Tensor s_buf = cfg.needs_teacher() ? at::empty({in.B * tile}, opts) : at::Tensor();
+    at::Tensor g_buf = at::empty({in.B * tile}, opts);
+    at::Tensor g_low = low_precision ? at::empty({in.B * tile}, in.hidden_in.options()) : at::Tensor();
+    for (int64_t c0 = 0; c0 < in.V; c0 += tile) {
+      const int64_t n = std::min(tile, in.V - c0);
+      at::Tensor f = cpu::tile_view(f_buf, in.B, n);
+      linear_tile(in.hidden_in, in.weight, in.bias, c0, n, f);
+      at::Tensor s;
+      if (cfg.needs_teacher()) {
+        s = cpu::tile_view(s_buf, in.B, n);
+        teacher_tile<scalar_t>(in, c0, n, s);
+      }
+      at::Tensor G = cpu::tile_view(g_buf, in.B, n);
+      gradient_tile<scalar_t>(terms, targets, st.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(lse_w),
+                              f.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(s), g.data_ptr<scalar_t>(), in.B, n, c0,
+                              G.data_ptr<scalar_t>(), current_stream());
+      const at::Tensor w_tile = in.weight.narrow(0, c0, n);
+      at::Tensor gw_tile = grad_weight.narrow(0, c0, n);
+      if (low_precision) {  // dL/dF rounded to the input dtype for the tensor-core GEMMs, as Cut Cross-Entropy
+        at::Tensor G_low = cpu::tile_view(g_low, in.B, n);
+        G_low.copy_(G);
+        grad_hidden.add_(at::mm(G_low, w_tile, in.acc_type));
+        gw_tile.copy_(at::mm(G_low.t(), in.hidden_in, in.acc_type));
+      } else {
+        grad_hidden.addmm_(G, w_tile);
+        at::mm_out(gw_tile, G.t(), in.hidden);
+      }
+      if (grad_bias.defined()) grad_bias.narrow(0, c0, n).copy_(G.sum(0));
+    }
+  });
+  return {grad_hidden.to(hidden.scalar_type()), grad_weight,
+          bias.has_value() ? grad_bias.to(bias->scalar_type()) : at::empty({0}, hidden.options())};
+}
+
+// The dense loss: logits [B, V] in the input dtype, walked in class tiles that
+// are converted to the acc dtype in a buffer.
+std::tuple<at::Tensor, at::Tensor> distillation_loss_forward_cuda(
+    const at::Tensor& student_logits, const OptTensor& target, const OptTensor& teacher_logits, double hard_weight,
+    double soft_weight, double double_weight, double temperature, c10::string_view negative_weighting,
+    double negative_scale, double negative_shift, double label_smoothing, int64_t ignore_index) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard device_guard(student_logits.device());
+  const LossConfig cfg = cpu::make_config(hard_weight, soft_weight, double_weight, temperature,
+                                          std::string(negative_weighting), negative_scale, negative_shift,
+                                          label_smoothing, ignore_index,
+                                          student_logits.dim() == 2 ? student_logits.size(1) : 0);
+  cpu::check_dense_inputs(cfg, student_logits, target, teacher_logits);
+  const int64_t B = student_logits.size(0), V = student_logits.size(1);
+  const at::Tensor t_all = target.has_value() ? target->contiguous() : at::Tensor();
+  if (t_all.defined()) cpu::check_target_values(t_all, V, ignore_index);
+  const auto acc_type = student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = student_logits.options().dtype(acc_type);
+  const int64_t tile = cuda_tile(0, B, V, at::elementSize(acc_type));
+  at::Tensor losses = at::empty({B}, opts);
+  at::Tensor stats = at::empty({B, cpu::kNumRowStats}, opts);
+  const LossTerms terms = loss_terms(cfg);
+  Targets targets;
+  targets.target = ptr_or_null<int64_t>(t_all);
+  targets.ignore_index = ignore_index;
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "distillation_loss_forward_cuda", [&] {
+    at::Tensor f_buf = at::empty({B * tile}, opts);
+    at::Tensor s_buf = cfg.needs_teacher() ? at::empty({B * tile}, opts) : at::Tensor();
+    at::Tensor state = at::empty({B, kNumRowState}, opts);
+    init_row_state<scalar_t>(state.data_ptr<scalar_t>(), B, current_stream());
+    at::Tensor lse_w;
+    if (cfg.needs_teacher_prepass()) {
+      lse_w = at::empty({B, 2}, opts);
+      init_lse<scalar_t>(lse_w.data_ptr<scalar_t>(), B, current_stream());
+      for (int64_t c0 = 0; c0 < V; c0 += tile) {
+        const int64_t n = std::min(tile, V - c0);
+        at::Tensor s = cpu::tile_view(s_buf, B, n);
+        s.copy_(teacher_logits->narrow(1, c0, n));
+        accumulate_lse_tile<scalar_t>(s.data_ptr<scalar_t>(), B, n, lse_w.data_ptr<scalar_t>(), current_stream());
+      }
+      finish_lse<scalar_t>(lse_w.data_ptr<scalar_t>(), B, current_stream());
+    }
+    for (int64_t c0 = 0; c0 < V; c0 += tile) {
+      const int64_t n = std::min(tile, V - c0);
+      at::Tensor f = cpu::tile_view(f_buf, B, n);
+      f.copy_(student_logits.narrow(1, c0, n));
+      at::Tensor s;
+      if (cfg.needs_teacher()) {
+        s = cpu::tile_view(s_buf, B, n);
+        s.copy_(teacher_logits->narrow(1, c0, n));
+      }
+      accumulate_tile<scalar_t>(terms, targets, f.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(s),
+                                ptr_or_null<scalar_t>(lse_w), B, n, c0, state.data_ptr<scalar_t>(),
+                                current_stream());
+    }
+    finish_rows<scalar_t>(terms, targets, state.data_ptr<scalar_t>(), B, losses.data_ptr<scalar_t>(),
+                          stats.data_ptr<scalar_t>(), current_stream());
+  });
+  return {losses.to(student_logits.scalar_type()), stats};
+}
+
+at::Tensor distillation_loss_backward_cuda(const at::Tensor& grad_losses, const at::Tensor& student_logits,
+                                           const OptTensor& target, const OptTensor& teacher_logits,
+                                           const at::Tensor& stats, double hard_weight, double soft_weight,
+                                           double double_weight, double temperature,
+                                           c10::string_view negative_weighting, double negative_scale,
+                                           double negative_shift, double label_smoothing, int64_t ignore_index) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard device_guard(student_logits.device());
+  const LossConfig cfg = cpu::make_config(hard_weight, soft_weight, double_weight, temperature,
+                                          std::string(negative_weighting), negative_scale, negative_shift,
+                                          label_smoothing, ignore_index,
+                                          student_logits.dim() == 2 ? student_logits.size(1) : 0);
+  cpu::check_dense_inputs(cfg, student_logits, target, teacher_logits);
+  const int64_t B = student_logits.size(0), V = student_logits.size(1);
+  const auto acc_type = student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  cpu::check_backward_inputs(grad_losses, stats, B, acc_type, "distillation_loss_forward");
+  const auto opts = student_logits.options().dtype(acc_type);
+  const int64_t tile = cuda_tile(0, B, V, at::elementSize(acc_type));
+  const at::Tensor t_all = target.has_value() ? target->contiguous() : at::Tensor();
+  const at::Tensor g = grad_losses.to(acc_type).contiguous();
+  const at::Tensor st = stats.contiguous();
+  const at::Tensor lse_w = weights_lse_backward(cfg, st, at::Tensor());
+  at::Tensor grad = at::empty({B, V}, student_logits.options().memory_format(at::MemoryFormat::Contiguous));
+  const LossTerms terms = loss_terms(cfg);
+  Targets targets;
+  targets.target = ptr_or_null<int64_t>(t_all);
+  targets.ignore_index = ignore_index;
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "distillation_loss_backward_cuda", [&] {
+    at::Tensor f_buf = at::empty({B * tile}, opts);
+    at::Tensor s_buf = cfg.needs_teacher() ? at::empty({B * tile}, opts) : at::Tensor();
+    at::Tensor g_buf = at::empty({B * tile}, opts);
+    for (int64_t c0 = 0; c0 < V; c0 += tile) {
+      const int64_t n = std::min(tile, V - c0);
+      at::Tensor f = cpu::tile_view(f_buf, B, n);
+      f.copy_(student_logits.narrow(1, c0, n));
+      at::Tensor s;
+      if (cfg.needs_teacher()) {
+        s = cpu::tile_view(s_buf, B, n);
+        s.copy_(teacher_logits->narrow(1, c0, n));
+      }
+      at::Tensor G = cpu::tile_view(g_buf, B, n);
+      gradient_tile<scalar_t>(terms, targets, st.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(lse_w),
+                              f.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(s), g.data_ptr<scalar_t>(), B, n, c0,
+                              G.data_ptr<scalar_t>(), current_stream());
+      grad.narrow(1, c0, n).copy_(G);
+    }
+  });
+  return grad;
+}
+
+// Teacher top-k labeling: a GEMM per class tile (as linear_tile) and the
+// selection kernels of csrc/cuda/teacher_topk.cu.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias, int64_t k, double temperature,
+    int64_t tile_size) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard device_guard(hidden.device());
+  cpu::check_teacher_topk_inputs(hidden, weight, bias, k, temperature);
+  TORCH_CHECK_VALUE(k <= kMaxTopK, "k must be at most ", kMaxTopK, " on CUDA, got ", k);
+  const int64_t B = hidden.size(0), V = weight.size(0);
+  const auto acc_type = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = hidden.options().dtype(acc_type);
+  const at::Tensor b = bias.has_value() ? bias->to(acc_type).contiguous() : at::Tensor();
+  const at::Tensor h = hidden.contiguous();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor indices = at::empty({B, k}, opts.dtype(at::kLong));
+  at::Tensor logits = at::empty({B, k}, opts);
+  at::Tensor lse = at::empty({B}, opts), entropy = at::empty({B}, opts), covered = at::empty({B}, opts);
+  at::Tensor count = at::empty({B}, opts.dtype(at::kLong));
+  at::Tensor stats = at::empty({B, kNumSoftmaxStats}, opts);
+  const int64_t tile = cuda_tile(tile_size, B, V, at::elementSize(acc_type));
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "teacher_topk_cuda", [&] {
+    topk_init<scalar_t>(logits.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), count.data_ptr<int64_t>(),
+                        stats.data_ptr<scalar_t>(), B, k, current_stream());
+    at::Tensor x_buf = at::empty({B * tile}, opts);
+    for (int64_t c0 = 0; c0 < V; c0 += tile) {
+      const int64_t n = std::min(tile, V - c0);
+      at::Tensor x = cpu::tile_view(x_buf, B, n);
+      linear_tile(h, w, b, c0, n, x);
+      topk_tile<scalar_t>(x.data_ptr<scalar_t>(), B, n, c0, k, temperature, logits.data_ptr<scalar_t>(),
+                          indices.data_ptr<int64_t>(), count.data_ptr<int64_t>(), stats.data_ptr<scalar_t>(),
+                          current_stream());
+    }
+    topk_finish<scalar_t>(logits.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(), B, k, temperature,
+                          lse.data_ptr<scalar_t>(), entropy.data_ptr<scalar_t>(), covered.data_ptr<scalar_t>(),
+                          current_stream());
+  });
+  return {indices, logits, lse, entropy, covered};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
+  m.impl("distillation_loss_forward", &distillation_loss_forward_cuda);
+  m.impl("distillation_loss_backward", &distillation_loss_backward_cuda);
+  m.impl("fused_linear_loss_forward", &fused_linear_loss_forward_cuda);
+  m.impl("fused_linear_loss_backward", &fused_linear_loss_backward_cuda);
+  m.impl("teacher_topk", &teacher_topk_cuda);
+}
+
+}  // namespace kdfast::cuda_glue
