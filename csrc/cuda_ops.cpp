@@ -11,6 +11,7 @@
 // The index checks copy index tensors to the host (kernel_utils.h), one sync.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -71,6 +72,10 @@ int64_t cuda_tile(int64_t requested, int64_t B, int64_t V, int64_t acc_bytes) {
 }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// A failed kernel launch (bad configuration) surfaces here, once per op, as an
+// error naming the op rather than at some later call.
+void check_launches() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
 
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {
@@ -173,6 +178,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_I
     finish_rows<scalar_t>(terms, targets, state.data_ptr<scalar_t>(), in.B, losses.data_ptr<scalar_t>(),
                           stats.data_ptr<scalar_t>(), current_stream());
   });
+  check_launches();
   return {losses.to(hidden.scalar_type()), stats};
 }
 
@@ -235,6 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
       if (grad_bias.defined()) grad_bias.narrow(0, c0, n).copy_(G.sum(0));
     }
   });
+  check_launches();
   return {grad_hidden.to(hidden.scalar_type()), grad_weight,
           bias.has_value() ? grad_bias.to(bias->scalar_type()) : at::empty({0}, hidden.options())};
 }
@@ -297,6 +304,7 @@ std::tuple<at::Tensor, at::Tensor> distillation_loss_forward_cuda(
     finish_rows<scalar_t>(terms, targets, state.data_ptr<scalar_t>(), B, losses.data_ptr<scalar_t>(),
                           stats.data_ptr<scalar_t>(), current_stream());
   });
+  check_launches();
   return {losses.to(student_logits.scalar_type()), stats};
 }
 
@@ -347,6 +355,7 @@ at::Tensor distillation_loss_backward_cuda(const at::Tensor& grad_losses, const 
       grad.narrow(1, c0, n).copy_(G);
     }
   });
+  check_launches();
   return grad;
 }
 
@@ -387,6 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> teacher_t
                           lse.data_ptr<scalar_t>(), entropy.data_ptr<scalar_t>(), covered.data_ptr<scalar_t>(),
                           current_stream());
   });
+  check_launches();
   return {indices, logits, lse, entropy, covered};
 }
 
