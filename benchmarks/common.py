@@ -5,7 +5,9 @@
 * peak memory: :func:`peak_memory_growth_mb` (CPU: growth of the resident set over the
   call, from the kernel's high-water mark; CUDA: ``torch.cuda.max_memory_allocated``);
 * subprocess workers: :func:`run_worker` / :func:`emit_worker_result` so that each
-  measurement can run in a fresh process;
+  measurement can run in a fresh process (:func:`try_run_worker`: a failed worker is a result,
+  not an exception);
+* CUDA timing: :func:`time_cuda` (CUDA events around each call);
 * output: :func:`append_csv`, :func:`markdown_table` and :func:`update_markdown_section`,
   which rewrites the part of ``BENCHMARKS.md`` between ``<!-- NAME:begin -->`` and
   ``<!-- NAME:end -->``.
@@ -309,6 +311,63 @@ def run_worker(argv: Sequence[str], *, timeout: float | None = None, env: Mappin
     if proc.returncode != 0 or result is None:
         raise RuntimeError(f"worker {' '.join(cmd)} failed (exit status {proc.returncode})")
     return result
+
+
+def try_run_worker(argv: Sequence[str], *, timeout: float | None = None,
+                   env: Mapping[str, str] | None = None) -> tuple[dict | None, str]:
+    """Like :func:`run_worker`, but never raises: returns ``(result, problem)``.
+
+    ``result`` is the dict the worker emitted (``None`` if it emitted none) and ``problem`` is
+    ``""`` when the worker exited cleanly, else a short description (``"timeout after 120 s"``,
+    ``"exit status -6"``, ...): a worker that crashes the CUDA context or hangs becomes one
+    error row of a benchmark instead of ending the run. Worker output is echoed as by
+    :func:`run_worker`.
+    """
+    cmd = [sys.executable, *argv]
+    full_env = None if env is None else {**os.environ, **env}
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, check=False, env=full_env)
+        stdout, problem = proc.stdout, ("" if proc.returncode == 0 else f"exit status {proc.returncode}")
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout or ""
+        stdout = out.decode(errors="replace") if isinstance(out, bytes) else out
+        problem = f"timeout after {timeout:.0f} s"
+    result = None
+    for line in stdout.splitlines():
+        if line.startswith(RESULT_MARKER):
+            result = json.loads(line[len(RESULT_MARKER):])
+        elif line.strip():
+            print(f"    | {line}", flush=True)
+    if result is None and not problem:
+        problem = "the worker emitted no result"
+    return result, problem
+
+
+def time_cuda(fn: Callable[[], Any], *, repeats: int, setup: Callable[[], Any] | None = None) -> list[float]:
+    """Seconds of ``fn()`` on the current CUDA stream for each of ``repeats`` runs, timed with
+    CUDA events (no warm-up here: the caller warms up). ``setup()`` runs untimed before each
+    call, and the device is synchronized after each, so one run never overlaps the next."""
+    times = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def write_json(path: Path | str, obj: Any) -> None:
+    """Write ``obj`` as JSON through a temporary file and a rename, so that a run killed while
+    writing leaves the previous complete file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------

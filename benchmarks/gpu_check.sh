@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# Every GPU check of kdfast, in order, on a fresh GPU machine, from the repository root:
+#
+#   wheels     install the peer libraries carried as wheels in .whl/ (Liger-Kernel, Cut Cross-Entropy)
+#              into /tmp/site, no index, no dependencies (torch and triton are the machine's)
+#   info       nvidia-smi, torch / CUDA / nvcc / compute-sanitizer versions
+#   build      TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 pip install --no-build-isolation --no-deps -e .
+#              (PREBUILT=1: skip it and use a kdfast/_C*.so carried from an earlier call)
+#   register   assert that kdfast's CUDA kernels are registered
+#   tests      pytest on the CUDA-parametrized tests only (-k cuda; every failure shown, not just the first)
+#   sanitizer  compute-sanitizer memcheck and racecheck on benchmarks/cuda_smoke.py
+#   bench      benchmarks/bench_fused_linear.py --device cuda (raw results as JSON)
+#   alltests   python3 -m pytest tests -q -x -p no:cacheprovider (the whole suite; last, as the CPU half of
+#              it also runs in CI, and it is the step most likely to be cut by the deadline)
+#
+# Each step logs to a file under "${OUT:-benchmarks/results/gpu-run}" (few files: the device tool
+# brings back at most 8), runs under `timeout`, and a failure does not stop the next step. A
+# summary is printed at the end. The whole script keeps inside DEADLINE seconds (default 570: the
+# device tool stops a command at 600), and each step gets what is left when it starts.
+#
+# Environment:
+#   STEPS="wheels info build register tests sanitizer bench alltests"   the steps to run (always in this order)
+#   DEADLINE=570          seconds for the whole script
+#   PREBUILT=1            skip the build (kdfast/_C*.so must be there, e.g. carried)
+#   SAVE_SO=1             copy the built kdfast/_C*.so (debug info stripped) to the output folder, to carry
+#                         it into a later call as kdfast/_C....so with PREBUILT=1 (SAVE_SO=0: don't)
+#   TESTS_TIMEOUT=240     TESTS_ARGS="-k cuda --maxfail=25"   the tests step (pytest tests -q -p no:cacheprovider ...)
+#   ALLTESTS_TIMEOUT=400  ALLTESTS_ARGS="-x"                  the alltests step
+#   SANITIZER_TOOLS="memcheck racecheck"          SANITIZER_TIMEOUT=150 (each tool)
+#   BENCH_ARGS=""         extra arguments of bench_fused_linear.py (e.g. "--cases ce,pal --impls kdfast,cce")
+#   KDFAST_COMMIT=        the commit the results are recorded under (the device's copy may have no .git)
+#   BENCH_TIMEOUT=        seconds for the bench step (default: all that is left, so put alltests in
+#                         another call or give the bench less)
+#
+# Usage (device tool): a first call, with carry [".whl"]:
+#   STEPS="wheels info build register tests sanitizer bench" BENCH_ARGS="--impls kdfast,eager,cce,liger" \
+#     bash benchmarks/gpu_check.sh
+# then, with the stripped .so it returned copied to kdfast/ and carried too (carry [".whl",
+# "kdfast/_C.cpython-312-x86_64-linux-gnu.so"]; without it PREBUILT=1 just builds again):
+#   PREBUILT=1 STEPS="wheels build register bench alltests" BENCH_ARGS="--impls liger,compile" \
+#     BENCH_TIMEOUT=400 bash benchmarks/gpu_check.sh
+# and here: python benchmarks/bench_fused_linear.py --device cuda --merge-json run1.json run2.json
+set -u -o pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO" || exit 1
+OUT_DIR="${OUT:-$REPO/benchmarks/results/gpu-run}"
+mkdir -p "$OUT_DIR"
+STEPS="${STEPS:-wheels info build register tests sanitizer bench alltests}"
+DEADLINE="${DEADLINE:-570}"
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+LOG="$OUT_DIR/gpu_check.log"
+SUMMARY=()
+export PYTHONUNBUFFERED=1
+# the repository first, so that `import kdfast` finds the build (or a carried .so) without an install
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+elapsed() { echo $(( $(date +%s) - START )); }
+remaining() { echo $(( DEADLINE - $(elapsed) )); }
+log() { echo "[gpu_check +$(elapsed)s] $*" | tee -a "$LOG"; }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+record() { SUMMARY+=("$(printf '%-10s %s' "$1" "$2")"); log "step $1: $2"; }
+
+# seconds a step may take: its own limit, or what is left before the deadline minus a reserve for the summary
+budget() {
+  local want_s=$1 left
+  left=$(( $(remaining) - 15 ))
+  (( left < want_s )) && want_s=$left
+  (( want_s < 0 )) && want_s=0
+  echo "$want_s"
+}
+
+# run_step NAME LOGFILE SECONDS CMD...: the command under `timeout`, its output appended to LOGFILE
+run_step() {
+  local name=$1 logfile=$2 secs=$3 rc
+  shift 3
+  if (( secs < 10 )); then
+    record "$name" "SKIPPED (no time left before the ${DEADLINE}s deadline)"
+    return 99
+  fi
+  local cmd="$*"
+  cmd="${cmd//$'\n'/ }"
+  (( ${#cmd} > 200 )) && cmd="${cmd:0:200}..."
+  log "$name: $cmd (limit ${secs}s, log $(basename "$logfile"))"
+  echo "=== [+$(elapsed)s] $name: $*" >>"$logfile"
+  timeout --kill-after=10 "$secs" "$@" >>"$logfile" 2>&1
+  rc=$?
+  echo "=== [+$(elapsed)s] $name: exit status $rc" >>"$logfile"
+  if (( rc == 124 || rc == 137 )); then
+    record "$name" "TIMEOUT after ${secs}s (exit $rc)"
+  elif (( rc == 0 )); then
+    record "$name" "ok"
+  else
+    record "$name" "FAILED (exit $rc)"
+  fi
+  return "$rc"
+}
+
+log "steps: $STEPS; output in $OUT_DIR; deadline ${DEADLINE}s"
+
+# ------------------------------------------------------------------ wheels
+if want wheels; then
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    run_step wheels "$LOG" "$(budget 60)" "$PY" -m pip install -q --no-index --no-deps --no-compile \
+      --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  else
+    record wheels "SKIPPED (no .whl/*.whl: carry .whl; the peers will be reported as not installed)"
+  fi
+fi
+
+# ------------------------------------------------------------------ info
+if want info; then
+  {
+    echo "=== nvidia-smi"; nvidia-smi 2>&1 || echo "nvidia-smi failed"
+    echo "=== versions"
+    "$PY" - <<'EOF' 2>&1
+import importlib.util, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", torch.cuda.get_device_name(0), "sm", torch.cuda.get_device_capability(0),
+          "SMs", p.multi_processor_count, "memory GiB", round(p.total_memory / 2**30, 1))
+for m in ("triton", "liger_kernel", "cut_cross_entropy", "pytest", "xdist"):
+    print(m, "found" if importlib.util.find_spec(m) else "MISSING")
+EOF
+    echo "=== nvcc"; nvcc --version 2>&1 | tail -2 || echo "nvcc not found"
+    echo "=== compute-sanitizer"; compute-sanitizer --version 2>&1 | tail -2 || echo "compute-sanitizer not found"
+    echo "=== nproc $(nproc), $(free -g | awk '/Mem:/ {print $2 " GiB RAM"}')"
+  } >>"$LOG" 2>&1
+  record info "written to $(basename "$LOG")"
+fi
+
+# ------------------------------------------------------------------ build
+if want build; then
+  if [[ "${PREBUILT:-0}" == 1 ]] && compgen -G "kdfast/_C*.so" >/dev/null; then
+    record build "SKIPPED (PREBUILT=1: using $(ls kdfast/_C*.so | head -1))"
+  else
+    TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}" \
+      run_step build "$OUT_DIR/build.log" "$(budget 330)" \
+      "$PY" -m pip install --no-build-isolation --no-deps -e .
+    if [[ "${SAVE_SO:-1}" == 1 ]]; then
+      # a copy without debug info (the device tool brings back files of at most 16 MiB; the debug
+      # info is most of the build's size), to carry into a later call with PREBUILT=1
+      for so in kdfast/_C*.so; do
+        [[ -f "$so" ]] || continue
+        dest="$OUT_DIR/$(basename "$so")"
+        strip --strip-debug -o "$dest" "$so" 2>/dev/null || cp "$so" "$dest"
+        if (( $(stat -c %s "$dest") < 16 * 1024 * 1024 )); then
+          log "copied $so to the output folder ($(du -h "$dest" | cut -f1), debug info stripped)"
+        else
+          rm -f "$dest"
+          log "$so is over 16 MiB even stripped: not copied"
+        fi
+      done
+    fi
+  fi
+fi
+
+# ------------------------------------------------------------------ register
+if want register; then
+  run_step register "$LOG" "$(budget 60)" "$PY" -c '
+import sys, torch, kdfast
+ops = ["distillation_loss_forward", "distillation_loss_backward", "fused_linear_loss_forward",
+       "fused_linear_loss_backward", "teacher_topk"]
+have = {op: torch._C._dispatch_has_kernel_for_dispatch_key("kdfast::" + op, "CUDA") for op in ops}
+print("kdfast", kdfast.__version__, "from", kdfast.__file__, "- CUDA kernels:", have)
+sys.exit(0 if all(have.values()) and torch.cuda.is_available() else 1)'
+fi
+
+# ------------------------------------------------------------------ tests
+if want tests; then
+  eval "tests_args=(${TESTS_ARGS:--k cuda --maxfail=25})"
+  run_step tests "$OUT_DIR/tests.log" "$(budget "${TESTS_TIMEOUT:-240}")" \
+    "$PY" -m pytest tests -q -p no:cacheprovider "${tests_args[@]}"
+fi
+
+# ------------------------------------------------------------------ sanitizer
+if want sanitizer; then
+  if command -v compute-sanitizer >/dev/null; then
+    filter=()
+    # only kdfast's kernels are instrumented (cuBLAS and PyTorch's run at full speed), where this
+    # compute-sanitizer has the option
+    # (probed on `true`: a compute-sanitizer that does not know the option fails at once)
+    if compute-sanitizer --kernel-name kns=kdfast true >/dev/null 2>&1; then
+      filter=(--kernel-name kns=kdfast)
+    else
+      log "compute-sanitizer does not take --kernel-name kns=kdfast: every kernel is instrumented (slower)"
+    fi
+    for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
+      extra=()
+      [[ "$tool" != memcheck ]] && extra=(--quick)  # racecheck is the slow one
+      # no caching allocator: memcheck then sees each tensor's own bounds, not a pooled block's
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step "sanitizer-$tool" "$OUT_DIR/sanitizer.log" \
+        "$(budget "${SANITIZER_TIMEOUT:-150}")" \
+        compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 86 \
+        "$PY" benchmarks/cuda_smoke.py "${extra[@]}"
+    done
+    # the last lines of each tool's report, for the summary
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|cuda_smoke: [0-9]+ checks" "$OUT_DIR/sanitizer.log" | tail -6 \
+      | while read -r line; do log "  $line"; done
+  else
+    record sanitizer "SKIPPED (compute-sanitizer not found)"
+    # still compare CUDA with the CPU once
+    run_step cuda-smoke "$OUT_DIR/sanitizer.log" "$(budget 120)" "$PY" benchmarks/cuda_smoke.py
+  fi
+fi
+
+# ------------------------------------------------------------------ bench
+if want bench; then
+  BENCH_SECS=$(budget "${BENCH_TIMEOUT:-3600}")
+  # the benchmark stops starting new (case, impl) processes 20 s before its own limit, and writes its report
+  eval "bench_args=(${BENCH_ARGS:-})"
+  run_step bench "$OUT_DIR/bench.log" "$BENCH_SECS" \
+    "$PY" benchmarks/bench_fused_linear.py --device cuda --json "$OUT_DIR/fused_linear_cuda.json" \
+    --time-budget "$(( BENCH_SECS > 40 ? BENCH_SECS - 20 : BENCH_SECS ))" "${bench_args[@]}"
+fi
+
+# ------------------------------------------------------------------ alltests
+if want alltests; then
+  eval "alltests_args=(${ALLTESTS_ARGS:--x})"
+  run_step alltests "$OUT_DIR/tests.log" "$(budget "${ALLTESTS_TIMEOUT:-400}")" \
+    "$PY" -m pytest tests -q -p no:cacheprovider "${alltests_args[@]}"
+fi
+
+# ------------------------------------------------------------------ summary
+{
+  echo
+  echo "================ gpu_check summary (+$(elapsed)s) ================"
+  printf '%s\n' "${SUMMARY[@]}"
+  if [[ -f "$OUT_DIR/tests.log" ]]; then
+    echo "--- pytest"
+    grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed|error)" "$OUT_DIR/tests.log" | tail -15
+  fi
+  if [[ -f "$OUT_DIR/sanitizer.log" ]]; then
+    echo "--- sanitizer / cuda_smoke"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^FAIL |cuda_smoke: " "$OUT_DIR/sanitizer.log" | tail -12
+  fi
+  if [[ -f "$OUT_DIR/bench.log" ]]; then
+    echo "--- bench (goals)"
+    sed -n '/^goals (issue 6):/,$p' "$OUT_DIR/bench.log" | head -12
+  fi
+  echo "--- files in $OUT_DIR"
+  ls -la "$OUT_DIR" | tail -n +2
+} 2>&1 | tee -a "$LOG"
+
+for line in "${SUMMARY[@]}"; do
+  [[ "$line" == *FAILED* || "$line" == *TIMEOUT* ]] && exit 1
+done
+exit 0
