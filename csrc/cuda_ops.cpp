@@ -139,17 +139,42 @@ at::Tensor weights_lse_backward(const LossConfig& cfg, const at::Tensor& stats, 
   return at::stack({stats.select(1, cpu::kMaxS), stats.select(1, cpu::kLogSumS)}, 1).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_INPUT_ARGS, KDFAST_LOSS_PARAMS,
-                                                                  int64_t tile_size, double /*filter_eps*/) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the tile GEMMs must not re-enter autograd
-  const c10::cuda::CUDAGuard device_guard(hidden.device());
+// The fused op's loss keywords and tensors, checked (the CPU op's checks).
+std::pair<LossConfig, FusedInputs> checked_call(KDFAST_FUSED_INPUT_ARGS, KDFAST_LOSS_PARAMS) {
   const LossConfig cfg =
       cpu::make_config(hard_weight, soft_weight, double_weight, temperature, std::string(negative_weighting),
                        negative_scale, negative_shift, label_smoothing, ignore_index,
                        weight.dim() == 2 ? weight.size(0) : 0);
-  const FusedInputs in = cpu::prepare_inputs(cfg, hidden, weight, bias, target, target_indptr, target_indices,
-                                             teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
-                                             topk_indices, topk_logits, topk_lse);
+  return {cfg, cpu::prepare_inputs(cfg, hidden, weight, bias, target, target_indptr, target_indices, teacher_logits,
+                                   teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logits, topk_lse)};
+}
+
+// The student's logits of classes [c0, c0 + n) and, when a term reads it, the
+// teacher's, as [B, n] views of the tile buffers.
+template <typename acc_t>
+std::pair<at::Tensor, at::Tensor> logit_tiles(const LossConfig& cfg, const FusedInputs& in, int64_t c0, int64_t n,
+                                              const at::Tensor& f_buf, const at::Tensor& s_buf) {
+  at::Tensor f = cpu::tile_view(f_buf, in.B, n);
+  linear_tile(in.hidden_in, in.weight, in.bias, c0, n, f);
+  at::Tensor s;
+  if (cfg.needs_teacher()) {
+    s = cpu::tile_view(s_buf, in.B, n);
+    teacher_tile<acc_t>(in, c0, n, s);
+  }
+  return {f, s};
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_INPUT_ARGS, KDFAST_LOSS_PARAMS,
+                                                                  int64_t tile_size, double /*filter_eps*/) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the tile GEMMs must not re-enter autograd
+  const c10::cuda::CUDAGuard device_guard(hidden.device());
+  // (not structured bindings: C++17 lambdas, as AT_DISPATCH's, cannot capture them)
+  const auto call = checked_call(hidden, weight, bias, target, target_indptr, target_indices, teacher_logits,
+                                 teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logits, topk_lse,
+                                 hard_weight, soft_weight, double_weight, temperature, negative_weighting,
+                                 negative_scale, negative_shift, label_smoothing, ignore_index);
+  const LossConfig& cfg = call.first;
+  const FusedInputs& in = call.second;
   const int64_t tile = cuda_tile(tile_size, in.B, in.V, at::elementSize(in.acc_type));
   const auto opts = in.hidden.options();
   at::Tensor losses = at::empty({in.B}, opts);
@@ -164,13 +189,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_I
     const at::Tensor lse_w = weights_lse_forward<scalar_t>(cfg, in, tile, s_buf);
     for (int64_t c0 = 0; c0 < in.V; c0 += tile) {
       const int64_t n = std::min(tile, in.V - c0);
-      at::Tensor f = cpu::tile_view(f_buf, in.B, n);
-      linear_tile(in.hidden_in, in.weight, in.bias, c0, n, f);
-      at::Tensor s;
-      if (cfg.needs_teacher()) {
-        s = cpu::tile_view(s_buf, in.B, n);
-        teacher_tile<scalar_t>(in, c0, n, s);
-      }
+      const auto [f, s] = logit_tiles<scalar_t>(cfg, in, c0, n, f_buf, s_buf);
       accumulate_tile<scalar_t>(terms, targets, f.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(s),
                                 ptr_or_null<scalar_t>(lse_w), in.B, n, c0, state.data_ptr<scalar_t>(),
                                 current_stream());
@@ -187,13 +206,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
     int64_t tile_size, double /*filter_eps*/) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard device_guard(hidden.device());
-  const LossConfig cfg =
-      cpu::make_config(hard_weight, soft_weight, double_weight, temperature, std::string(negative_weighting),
-                       negative_scale, negative_shift, label_smoothing, ignore_index,
-                       weight.dim() == 2 ? weight.size(0) : 0);
-  const FusedInputs in = cpu::prepare_inputs(cfg, hidden, weight, bias, target, target_indptr, target_indices,
-                                             teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
-                                             topk_indices, topk_logits, topk_lse);
+  // (not structured bindings: C++17 lambdas, as AT_DISPATCH's, cannot capture them)
+  const auto call = checked_call(hidden, weight, bias, target, target_indptr, target_indices, teacher_logits,
+                                 teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logits, topk_lse,
+                                 hard_weight, soft_weight, double_weight, temperature, negative_weighting,
+                                 negative_scale, negative_shift, label_smoothing, ignore_index);
+  const LossConfig& cfg = call.first;
+  const FusedInputs& in = call.second;
   cpu::check_backward_inputs(grad_losses, stats, in.B, in.acc_type, "fused_linear_loss_forward");
   TORCH_CHECK_VALUE(stats.device() == hidden.device(), "stats is on ", stats.device(), " but student_hidden is on ",
                     hidden.device());
@@ -216,13 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
     at::Tensor g_low = low_precision ? at::empty({in.B * tile}, in.hidden_in.options()) : at::Tensor();
     for (int64_t c0 = 0; c0 < in.V; c0 += tile) {
       const int64_t n = std::min(tile, in.V - c0);
-      at::Tensor f = cpu::tile_view(f_buf, in.B, n);
-      linear_tile(in.hidden_in, in.weight, in.bias, c0, n, f);
-      at::Tensor s;
-      if (cfg.needs_teacher()) {
-        s = cpu::tile_view(s_buf, in.B, n);
-        teacher_tile<scalar_t>(in, c0, n, s);
-      }
+      const auto [f, s] = logit_tiles<scalar_t>(cfg, in, c0, n, f_buf, s_buf);
       at::Tensor G = cpu::tile_view(g_buf, in.B, n);
       gradient_tile<scalar_t>(terms, targets, st.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(lse_w),
                               f.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(s), g.data_ptr<scalar_t>(), in.B, n, c0,
