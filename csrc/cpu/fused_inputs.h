@@ -1,8 +1,8 @@
 // The fused linear loss's op arguments, checked and unpacked: shared by the CPU
 // kernels (fused_linear_loss.cpp) and the CUDA glue (csrc/cuda_ops.cpp).
 // Shape, dtype and device checks are the same on every device; index values
-// are checked on the host for CPU tensors and by one reduction (a host sync)
-// for tensors on another device (kernel_utils.h, check_index_range).
+// are checked on the host, after a copy there (a host sync) for tensors on
+// another device (kernel_utils.h, host_copy).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,7 +30,7 @@ struct FusedInputs {
   TeacherKind teacher = TeacherKind::None;
   at::Tensor teacher_logits;  // [B, V] input dtype
   at::Tensor teacher_hidden;  // [B, d_t] acc
-  at::Tensor teacher_hidden_in;  // [B, d_t] input dtype
+  at::Tensor teacher_hidden_in;  // [B, d_t] input dtype (CUDA GEMMs)
   at::Tensor teacher_weight;  // [V, d_t] input dtype
   at::Tensor teacher_bias;    // [V] acc or undefined
   at::Tensor topk_indices;    // [B, k] int64
