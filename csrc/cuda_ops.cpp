@@ -8,10 +8,12 @@
 // csrc/cuda/loss_tiles.cu reduce; tiles run in order on the current stream.
 // So the logits of one tile, not of the batch, reach global memory. The
 // backward is exact on CUDA: filter_eps is accepted and not used yet.
-// The index checks copy index tensors to the host (kernel_utils.h), one sync.
+// The index checks copy index tensors to the host (kernel_utils.h), one sync,
+// except while the stream is captured into a CUDA graph (no check then).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -50,13 +52,22 @@ LossTerms loss_terms(const LossConfig& cfg) {
   return t;
 }
 
-Targets device_targets(const cpu::BatchTargets& b) {
+Targets device_targets(const FusedInputs& in, int64_t ignore_index) {
+  const cpu::BatchTargets b = in.targets(ignore_index);
   Targets t;
   t.target = b.target;
   t.indptr = b.indptr;
   t.indices = b.indices;
+  t.num_indices = in.indices.defined() ? in.indices.numel() : 0;
   t.ignore_index = b.ignore_index;
   return t;
+}
+
+// Index values are checked on the host (a copy there, one sync) except while
+// the current stream is captured into a CUDA graph, where that copy is not
+// allowed; the kernels then stay in bounds on bad values (loss_tiles.h, Targets).
+bool can_check_index_values() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
 }
 
 // Class tile: the [B, tile] student, teacher and gradient buffers in about
@@ -146,7 +157,8 @@ std::pair<LossConfig, FusedInputs> checked_call(KDFAST_FUSED_INPUT_ARGS, KDFAST_
                        negative_scale, negative_shift, label_smoothing, ignore_index,
                        weight.dim() == 2 ? weight.size(0) : 0);
   return {cfg, cpu::prepare_inputs(cfg, hidden, weight, bias, target, target_indptr, target_indices, teacher_logits,
-                                   teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logits, topk_lse)};
+                                   teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logits, topk_lse,
+                                   can_check_index_values())};
 }
 
 // The student's logits of classes [c0, c0 + n) and, when a term reads it, the
@@ -180,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_I
   at::Tensor losses = at::empty({in.B}, opts);
   at::Tensor stats = at::empty({in.B, cpu::kNumRowStats}, opts);
   const LossTerms terms = loss_terms(cfg);
-  const Targets targets = device_targets(in.targets(cfg.ignore_index));
+  const Targets targets = device_targets(in, cfg.ignore_index);
   AT_DISPATCH_FLOATING_TYPES(in.acc_type, "fused_linear_loss_forward_cuda", [&] {
     at::Tensor f_buf = at::empty({in.B * tile}, opts);
     at::Tensor s_buf = cfg.needs_teacher() ? at::empty({in.B * tile}, opts) : at::Tensor();
@@ -227,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
   at::Tensor grad_weight = at::empty({in.V, in.d}, weight.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_bias = bias.has_value() ? at::empty({in.V}, opts) : at::Tensor();
   const LossTerms terms = loss_terms(cfg);
-  const Targets targets = device_targets(in.targets(cfg.ignore_index));
+  const Targets targets = device_targets(in, cfg.ignore_index);
   AT_DISPATCH_FLOATING_TYPES(in.acc_type, "fused_linear_loss_backward_cuda", [&] {
     at::Tensor f_buf = at::empty({in.B * tile}, opts);
     at::Tensor s_buf = cfg.needs_teacher() ? at::empty({in.B * tile}, opts) : at::Tensor();
@@ -274,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> distillation_loss_forward_cuda(
   cpu::check_dense_inputs(cfg, student_logits, target, teacher_logits);
   const int64_t B = student_logits.size(0), V = student_logits.size(1);
   const at::Tensor t_all = target.has_value() ? target->contiguous() : at::Tensor();
-  if (t_all.defined()) cpu::check_target_values(t_all, V, ignore_index);
+  if (t_all.defined() && can_check_index_values()) cpu::check_target_values(t_all, V, ignore_index);
   const auto acc_type = student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = student_logits.options().dtype(acc_type);
   const int64_t tile = cuda_tile(0, B, V, at::elementSize(acc_type));

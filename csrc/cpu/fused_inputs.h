@@ -2,7 +2,9 @@
 // kernels (fused_linear_loss.cpp) and the CUDA glue (csrc/cuda_ops.cpp).
 // Shape, dtype and device checks are the same on every device; index values
 // are checked on the host, after a copy there (a host sync) for tensors on
-// another device (kernel_utils.h, host_copy).
+// another device (kernel_utils.h, host_copy), unless the caller says they may
+// not be read (check_index_values = false: a CUDA stream being captured into a
+// graph, where a device-to-host copy is not allowed).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -93,7 +95,8 @@ inline FusedInputs prepare_inputs(const LossConfig& cfg, const at::Tensor& hidde
                                   const OptTensor& target_indices, const OptTensor& teacher_logits,
                                   const OptTensor& teacher_hidden, const OptTensor& teacher_weight,
                                   const OptTensor& teacher_bias, const OptTensor& topk_indices,
-                                  const OptTensor& topk_logits, const OptTensor& topk_lse) {
+                                  const OptTensor& topk_logits, const OptTensor& topk_lse,
+                                  bool check_index_values = true) {
   FusedInputs in;
   TORCH_CHECK_TYPE(at::isFloatingType(hidden.scalar_type()), "student_hidden must be a floating-point tensor, got ",
                    hidden.scalar_type());
@@ -128,7 +131,7 @@ inline FusedInputs prepare_inputs(const LossConfig& cfg, const at::Tensor& hidde
                       target->sizes());
     check_same_device(*target, "target", hidden);
     in.target = target->contiguous();
-    check_target_values(in.target, in.V, cfg.ignore_index);
+    if (check_index_values) check_target_values(in.target, in.V, cfg.ignore_index);
   } else if (target_indptr.has_value()) {
     TORCH_CHECK_TYPE(target_indptr->scalar_type() == at::kLong && target_indices->scalar_type() == at::kLong,
                      "target.indptr and target.indices must be int64");
@@ -139,7 +142,7 @@ inline FusedInputs prepare_inputs(const LossConfig& cfg, const at::Tensor& hidde
     check_same_device(*target_indices, "target.indices", hidden);
     in.indptr = target_indptr->contiguous();
     in.indices = target_indices->contiguous();
-    check_csr_targets(in.indptr, in.indices, in.B, in.V);
+    if (check_index_values) check_csr_targets(in.indptr, in.indices, in.B, in.V);
   } else {
     TORCH_CHECK_VALUE(!cfg.hard(), "hard_weight > 0 needs target");
   }
@@ -206,7 +209,7 @@ inline FusedInputs prepare_inputs(const LossConfig& cfg, const at::Tensor& hidde
     check_same_device(*topk_logits, "teacher_topk.logits", hidden);
     check_same_device(*topk_lse, "teacher_topk.lse", hidden);
     in.topk_indices = topk_indices->contiguous();
-    check_topk_indices(in.topk_indices, in.V);
+    if (check_index_values) check_topk_indices(in.topk_indices, in.V);
     in.topk_logits = topk_logits->to(in.acc_type).contiguous();
     in.topk_lse = topk_lse->to(in.acc_type).contiguous();
   }

@@ -83,7 +83,8 @@ struct RowTarget {
 
 __device__ __forceinline__ bool row_target(const Targets& t, int64_t i, RowTarget& out) {
   if (t.indptr) {
-    const int64_t begin = t.indptr[i], end = t.indptr[i + 1];
+    const int64_t begin = min(max(t.indptr[i], int64_t(0)), t.num_indices);
+    const int64_t end = min(max(t.indptr[i + 1], begin), t.num_indices);
     out.positives = t.indices + begin;
     out.num_positives = end - begin;
     out.multiplicity = end - begin;

@@ -36,10 +36,14 @@ struct LossTerms {
 
 // Hard labels on the device: an int target [B] (ignore_index rows skipped), CSR
 // positives (indptr [B + 1], indices; rows without positives skipped), or none.
+// Class indices outside [0, V) never match a tile, and indptr is clamped to
+// [0, num_indices]: inputs the glue could not check (during CUDA-graph capture)
+// give a wrong loss, never a read out of bounds.
 struct Targets {
   const int64_t* target = nullptr;
   const int64_t* indptr = nullptr;
   const int64_t* indices = nullptr;
+  int64_t num_indices = 0;  // entries of indices
   int64_t ignore_index = -100;
 };
 
