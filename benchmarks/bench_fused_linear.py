@@ -129,7 +129,6 @@ MD_SECTION = "bench_fused_linear"
 STUDENT_STD = 1.0  # student logits ~ N(0, 1): h ~ N(0, 1), W ~ N(0, 1/d_s)
 TEACHER_STD = 2.0  # teacher logits ~ N(0, 4): th ~ N(0, 1), tW ~ N(0, 4/d_t); peakier than the student
 SEED = 0
-BUSY_LOAD = 0.5  # 1-minute load average above which the timings are flagged as disturbed
 SGEMM_N = 4096  # the floor's sgemm: [N, N] @ [N, N] float32
 SGEMM_REPEATS = 5
 
@@ -1483,30 +1482,19 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = common.set_threads(args.threads)
     meta = common.env_metadata("cpu", threads)
-    if "kdfast" in args.impl_list and meta["kdfast"] == "unavailable":
-        print("error: kdfast does not import (build it with `make` or `pip install --no-build-isolation -e .`), "
-              "or run the eager baselines alone with --impls eager", file=sys.stderr)
+    if common.kdfast_missing(meta, args.impl_list):
         return 2
     print(f"bench_fused_linear: B={args.batch} d_s={args.dim} V={args.classes:,} d_t={args.teacher_dim} float32 "
           f"on {meta['device']}; torch {meta['torch']}, kdfast {meta['kdfast']}, commit {meta['commit']}")
     print(f"cases: {', '.join(args.case_list)}; impls: {', '.join(args.impl_list)}; "
           f"{args.warmup} warm-up + {args.repeats} timed steps each ({args.slow_repeats} for eager in "
           f"{', '.join(c for c in args.case_list if c in SLOW_EAGER) or 'no case'}), one fresh process per (case, impl)")
-    load_start = common.load_average()
-    print(f"load average at start: {load_start:.2f}\n" if load_start is not None else "")
-    if load_start is not None and load_start > BUSY_LOAD:
-        print(f"warning: the machine is busy (load {load_start:.2f}); other processes will distort the timings\n")
-
+    load_start = common.announce_load()
     sgemm = {"start": measure_sgemm(args, "start"), "end": None}
-    results: dict[tuple[str, str], dict] = {}
-    for case in args.case_list:
-        for impl in args.impl_list:
-            print(f"  {case:12s} {impl:7s} ...", flush=True)
-            r = common.run_worker(worker_argv(case, impl, args))
-            results[(case, impl)] = r
-            times = ", ".join(f"{t:.3f}" for t in r["times"])
-            print(f"  {case:12s} {impl:7s} time {r['time_s']:.3f} s (runs: {times})  peak +{r['peak_mb']:.0f} MB, "
-                  f"extra +{r['extra_peak_mb']:.1f} MB [{r['memory_method']}]  loss {r['loss']:.6f}", flush=True)
+    results = common.run_cases(
+        args.case_list, args.impl_list, lambda case, impl: worker_argv(case, impl, args),
+        lambda r: (f"peak +{r['peak_mb']:.0f} MB, extra +{r['extra_peak_mb']:.1f} MB [{r['memory_method']}]  "
+                   f"loss {r['loss']:.6f}"))
     sgemm["end"] = measure_sgemm(args, "end")
     gflops = max(sgemm.values())
 
@@ -1515,12 +1503,7 @@ def main(argv: list[str] | None = None) -> int:
     positives = next((r["positives"] for (c, _), r in results.items() if c == "pal"), None)
     checks = [check_line(c, results[(c, "kdfast")]["check"], positives or 0) for c in args.case_list
               if "check" in results.get((c, "kdfast"), {})]
-    print()
-    if checks:
-        print("correctness (kdfast vs eager, same inputs):")
-        for c in checks:
-            print("  " + c)
-        print()
+    common.print_checks(checks)
     common.print_table(HEADERS, table_rows(summary))
     print(f"\nspeedup = eager time / kdfast time; peak MB = growth of peak RSS over one forward+backward; "
           f"extra = peak minus the returned gradients ({(args.batch + args.classes) * args.dim * 4 / common.MB:.0f} MB); "

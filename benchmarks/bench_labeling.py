@@ -61,7 +61,6 @@ SGEMM_N = 4096
 LOGIT_STD = 2.0  # teacher logits ~ N(0, 4) before the bias: a peaky teacher
 BIAS_STD = 0.5
 SEED = 0
-BUSY_LOAD = 0.5  # 1-minute load average above which the timings are flagged as disturbed
 CHECK_ROWS_F64 = 8  # rows recomputed in float64 for the accuracy check
 
 MD_INTRO = """## Teacher labeling: fused top-k (CPU)
@@ -257,7 +256,7 @@ def table_rows(args, summary: dict) -> list[list[str]]:
 
 def markdown_section(meta, args, summary, rates, verdict, checks, loads) -> str:
     rate = common.median(rates)
-    busy = max((x for x in loads if x is not None), default=0.0) > BUSY_LOAD
+    busy = max((x for x in loads if x is not None), default=0.0) > common.BUSY_LOAD
     lines = [
         (f"Device: {meta['device']} · commit `{meta['commit']}` · {meta['date']} · "
          f"torch {meta['torch']} · kdfast {meta['kdfast']} · Python {meta['python']}"),
@@ -340,12 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"impls: {', '.join(args.impl_list)}; {args.warmup} warm-up + {args.repeats} timed runs each; "
           f"eager in chunks of {args.eager_batch} rows ({args.eager_batch * args.classes * 4 / common.MB:,.0f} MiB "
           "of logits per chunk)")
-    load_start = common.load_average()
-    if load_start is not None:
-        print(f"load average at start: {load_start:.2f}")
-        if load_start > BUSY_LOAD:
-            print(f"warning: the machine is busy (load {load_start:.2f}); other processes will distort the timings")
-    print()
+    load_start = common.announce_load()
 
     rates = sgemm_gflops(max(args.repeats, 3), args.warmup)
     print(f"  sgemm 4096^3: {', '.join(f'{r:.1f}' for r in rates)} GFLOP/s", flush=True)

@@ -75,7 +75,6 @@ MD_SECTION = "bench_losses"
 STUDENT_STD = 1.0  # student logits ~ N(0, 1)
 TEACHER_STD = 2.0  # teacher logits ~ N(0, 4): a peakier distribution than the student's
 SEED = 0
-BUSY_LOAD = 0.5  # 1-minute load average above which the timings are flagged as disturbed
 
 
 # ---------------------------------------------------------------------------
@@ -273,7 +272,7 @@ def markdown_section(meta: dict, args: argparse.Namespace, summary: list[dict], 
         "ru_maxrss": "growth of peak RSS over one step (`ru_maxrss` minus `VmRSS` before, in a fresh process)",
     }.get(memory_method, memory_method)
     busy_warning = []
-    if load is not None and load > BUSY_LOAD:
+    if load is not None and load > common.BUSY_LOAD:
         busy_warning = ["", (
             f"**Warning:** the machine was busy when this run started (1-minute load {load:.2f} on "
             f"{meta['device']}): other processes competed for the cores, so the times (eager's most, "
@@ -339,39 +338,22 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = common.set_threads(args.threads)
     meta = common.env_metadata(args.device, threads)
-    if "kdfast" in args.impl_list and meta["kdfast"] == "unavailable":
-        print("error: kdfast does not import (build it with `make` or `pip install --no-build-isolation -e .`), "
-              "or run the eager baselines alone with --impls eager", file=sys.stderr)
+    if common.kdfast_missing(meta, args.impl_list):
         return 2
     print(f"bench_losses: B={args.batch} V={args.classes:,} float32 on {meta['device']}; "
           f"torch {meta['torch']}, kdfast {meta['kdfast']}, commit {meta['commit']}")
     print(f"cases: {', '.join(args.case_list)}; impls: {', '.join(args.impl_list)}; "
           f"{args.warmup} warm-up + {args.repeats} timed steps each, one fresh process per (case, impl)")
-    load_start = common.load_average()
-    print(f"load average at start: {load_start:.2f}\n" if load_start is not None else "")
-    if load_start is not None and load_start > BUSY_LOAD:
-        print(f"warning: the machine is busy (load {load_start:.2f}); other processes will distort the timings\n")
-
-    results: dict[tuple[str, str], dict] = {}
-    for case in args.case_list:
-        for impl in args.impl_list:
-            print(f"  {case:7s} {impl:7s} ...", flush=True)
-            r = common.run_worker(worker_argv(case, impl, args))
-            results[(case, impl)] = r
-            times = ", ".join(f"{t:.3f}" for t in r["times"])
-            print(f"  {case:7s} {impl:7s} time {r['time_s']:.3f} s (runs: {times})  "
-                  f"peak +{r['peak_mb']:.0f} MB [{r['memory_method']}]  loss {r['loss']:.6f}", flush=True)
+    load_start = common.announce_load()
+    results = common.run_cases(
+        args.case_list, args.impl_list, lambda case, impl: worker_argv(case, impl, args),
+        lambda r: f"peak +{r['peak_mb']:.0f} MB [{r['memory_method']}]  loss {r['loss']:.6f}")
 
     load_end = common.load_average()
     summary = summarize(results, args.case_list)
     checks = [check_line(c, results[(c, "kdfast")]["check"]) for c in args.case_list
               if "check" in results.get((c, "kdfast"), {})]
-    print()
-    if checks:
-        print("correctness (kdfast vs eager, same inputs):")
-        for c in checks:
-            print("  " + c)
-        print()
+    common.print_checks(checks)
     common.print_table(HEADERS, table_rows(summary))
     print("\nspeedup = eager time / kdfast time; mem ratio = kdfast peak / eager peak; "
           "peak MB = growth of peak RSS over one forward+backward")

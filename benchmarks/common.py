@@ -116,6 +116,9 @@ def env_metadata(device: str = "cpu", threads: int | None = None) -> dict[str, s
     }
 
 
+BUSY_LOAD = 0.5  # 1-minute load average above which the timings are flagged as disturbed
+
+
 def load_average() -> float | None:
     """The 1-minute load average (``None`` where the OS has none): a run started on a busy
     machine has distorted timings."""
@@ -123,6 +126,27 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except (OSError, AttributeError):
         return None
+
+
+def announce_load() -> float | None:
+    """Print the 1-minute load average at the start of a run, with a warning above
+    :data:`BUSY_LOAD`; return it."""
+    load = load_average()
+    if load is not None:
+        print(f"load average at start: {load:.2f}")
+        if load > BUSY_LOAD:
+            print(f"warning: the machine is busy (load {load:.2f}); other processes will distort the timings")
+    print()
+    return load
+
+
+def kdfast_missing(meta: Mapping[str, str], impls: Sequence[str]) -> bool:
+    """True (after printing how to build it) when kdfast is to be timed but does not import."""
+    if "kdfast" in impls and meta["kdfast"] == "unavailable":
+        print("error: kdfast does not import (build it with `make` or `pip install --no-build-isolation -e .`), "
+              "or run the eager baselines alone with --impls eager", file=sys.stderr)
+        return True
+    return False
 
 
 def set_threads(threads: str | int | None) -> int:
@@ -462,6 +486,32 @@ def check_threads_arg(parser, threads: str) -> None:
 
 
 # ---------------------------------------------------------------------------
+def run_cases(cases: Sequence[str], impls: Sequence[str], argv_for: Callable[[str, str], Sequence[str]],
+              describe: Callable[[dict], str]) -> dict[tuple[str, str], dict]:
+    """Run one fresh worker process per (case, impl), in order, printing a progress line
+    before each and ``describe(result)`` after it; return the results by (case, impl)."""
+    width = max(len(c) for c in cases)
+    results: dict[tuple[str, str], dict] = {}
+    for case in cases:
+        for impl in impls:
+            print(f"  {case:{width}s} {impl:7s} ...", flush=True)
+            r = run_worker(argv_for(case, impl))
+            results[(case, impl)] = r
+            times = ", ".join(f"{t:.3f}" for t in r["times"])
+            print(f"  {case:{width}s} {impl:7s} time {r['time_s']:.3f} s (runs: {times})  {describe(r)}", flush=True)
+    return results
+
+
+def print_checks(checks: Sequence[str]) -> None:
+    """The kdfast-vs-eager correctness lines of a run, if any."""
+    print()
+    if checks:
+        print("correctness (kdfast vs eager, same inputs):")
+        for c in checks:
+            print("  " + c)
+        print()
+
+
 # console tables
 # ---------------------------------------------------------------------------
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES
 
 import kdfast
-from conftest import DEVICES
 
 pytestmark = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device and kdfast's CUDA kernels")
 

@@ -403,7 +403,7 @@ def test_nan_and_inf_propagate(device, dtype):
     # float32 takes the kernels' fast exponentials in finite rows: a NaN or +inf
     # row must still fall back to the exponential that keeps NaN
     student, target, teacher = _inputs(5, 17, seed=14, device=device, dtype=dtype)
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
     student[1, 4] = math.nan
     teacher[3, 2] = math.nan
     student[4, (target[4] + 1) % 17] = math.inf
