@@ -225,16 +225,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
                                  negative_scale, negative_shift, label_smoothing, ignore_index);
   const LossConfig& cfg = call.first;
   const FusedInputs& in = call.second;
-  cpu::check_backward_inputs(grad_losses, stats, in.B, in.acc_type, "fused_linear_loss_forward");
-  TORCH_CHECK_VALUE(stats.device() == hidden.device(), "stats is on ", stats.device(), " but student_hidden is on ",
-                    hidden.device());
+  cpu::check_backward_inputs(grad_losses, stats, in.B, in.acc_type, "fused_linear_loss_forward", hidden,
+                             "student_hidden");
   const int64_t tile = cuda_tile(tile_size, in.B, in.V, at::elementSize(in.acc_type));
   const auto opts = in.hidden.options();
   const at::Tensor g = grad_losses.to(in.acc_type).contiguous();
   const at::Tensor st = stats.contiguous();
   const at::Tensor lse_w =
       weights_lse_backward(cfg, st, in.teacher == TeacherKind::TopK ? in.topk_lse : at::Tensor());
-  const bool low_precision = in.hidden_in.scalar_type() != in.acc_type;  // bf16 / fp16 GEMMs
+  // bf16: dL/dF rounded to bf16 for the tensor-core GEMMs, as Cut Cross-Entropy.
+  // Not fp16: its range would flush the background entries (~1/(B V) under a
+  // mean reduction, 4e-10 at B = 4096, V = 670k) to 0, so fp16 runs float GEMMs.
+  const bool low_precision = in.hidden_in.scalar_type() == at::kBFloat16;
   at::Tensor grad_hidden = at::zeros({in.B, in.d}, opts);
   at::Tensor grad_weight = at::empty({in.V, in.d}, weight.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_bias = bias.has_value() ? at::empty({in.V}, opts) : at::Tensor();
@@ -254,14 +256,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
                               G.data_ptr<scalar_t>(), current_stream());
       const at::Tensor w_tile = in.weight.narrow(0, c0, n);
       at::Tensor gw_tile = grad_weight.narrow(0, c0, n);
-      if (low_precision) {  // dL/dF rounded to the input dtype for the tensor-core GEMMs, as Cut Cross-Entropy
+      if (low_precision) {
         at::Tensor G_low = cpu::tile_view(g_low, in.B, n);
         G_low.copy_(G);
         grad_hidden.add_(at::mm(G_low, w_tile, in.acc_type));
         gw_tile.copy_(at::mm(G_low.t(), in.hidden_in, in.acc_type));
-      } else {
+      } else if (w_tile.scalar_type() == in.acc_type) {
         grad_hidden.addmm_(G, w_tile);
         at::mm_out(gw_tile, G.t(), in.hidden);
+      } else {  // fp16 weights: float GEMMs, the gradient tile rounded once at the end
+        grad_hidden.addmm_(G, w_tile.to(in.acc_type));
+        gw_tile.copy_(at::mm(G.t(), in.hidden));
       }
       if (grad_bias.defined()) grad_bias.narrow(0, c0, n).copy_(G.sum(0));
     }
@@ -348,7 +353,8 @@ at::Tensor distillation_loss_backward_cuda(const at::Tensor& grad_losses, const 
   cpu::check_dense_inputs(cfg, student_logits, target, teacher_logits);
   const int64_t B = student_logits.size(0), V = student_logits.size(1);
   const auto acc_type = student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  cpu::check_backward_inputs(grad_losses, stats, B, acc_type, "distillation_loss_forward");
+  cpu::check_backward_inputs(grad_losses, stats, B, acc_type, "distillation_loss_forward", student_logits,
+                             "student_logits");
   const auto opts = student_logits.options().dtype(acc_type);
   const int64_t tile = cuda_tile(0, B, V, at::elementSize(acc_type));
   const at::Tensor t_all = target.has_value() ? target->contiguous() : at::Tensor();

@@ -761,6 +761,25 @@ def test_opcheck_forward(case, fdevice):
     assert stats.dtype == kdfast.ops.stats_dtype(p.hidden.dtype)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device: CUDA")
+@pytest.mark.parametrize("moved", ["grad_losses", "stats"])
+def test_backward_rejects_inputs_on_another_device(moved):
+    """A host grad_losses or stats next to CUDA inputs would hand the CUDA kernels a host pointer."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("kdfast::fused_linear_loss_backward", "CUDA"):
+        pytest.skip("kdfast was built without its CUDA kernels")
+    p = _problem(5, 4, 33, seed=23, form="dense", ignore=())
+    p = Problem(p.hidden.cuda(), p.weight.cuda(), None, p.target.cuda(), p.form, p.teacher.cuda())
+    args = _op_args(p, {})
+    _, stats = FORWARD_OP(*args)
+    g = torch.ones(p.B, device="cuda", dtype=stats.dtype)
+    if moved == "grad_losses":
+        g = g.cpu()
+    else:
+        stats = stats.cpu()
+    with pytest.raises(ValueError, match=f"{moved} is on cpu but student_hidden is on cuda"):
+        BACKWARD_OP(*((g,) + args[:13] + (stats,) + args[13:]))
+
+
 @pytest.mark.parametrize("case", ["dense_int_bias", "linear_multi"])
 def test_opcheck_backward(case, fdevice):
     p, kwargs, tile = _opcheck_problems(fdevice)[case]
@@ -1263,6 +1282,13 @@ def _bad_cases():
             ValueError,
             r"teacher_topk.indices\[0, 2\] = -1",
         ),
+        "topk_index_repeated": (
+            (h, W, t),
+            dict(soft, teacher_topk=topk_with(indices=topk.indices.clone().index_copy_(1, torch.tensor([2]),
+                                                                                   topk.indices[:, :1]))),
+            ValueError,
+            r"teacher_topk.indices\[0\] holds class \d+ more than once",
+        ),
         # --- MultiTarget
         "multi_unsorted": ((h, W, mt_with(indices=[0, 2, 5, 3, 1, 4])), {}, ValueError, "target.indices.*sorted"),
         "multi_index_too_large": (
@@ -1326,6 +1352,7 @@ def test_target_out_of_range_raises(bad_target, ignore_index):
         "multi_indptr_start",
         "multi_indptr_end",
         "topk_index_too_large",
+        "topk_index_repeated",
         "topk_k_above_V",
         "d_mismatch",
         "teacher_weight_V",

@@ -101,7 +101,8 @@ at::Tensor distillation_loss_backward_cpu(
   check_dense_inputs(cfg0, student_logits, target, teacher_logits);
   const int64_t B = student_logits.size(0), V = student_logits.size(1);
   const auto stats_type = student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  check_backward_inputs(grad_losses, stats, B, stats_type, "distillation_loss_forward");
+  check_backward_inputs(grad_losses, stats, B, stats_type, "distillation_loss_forward", student_logits,
+                        "student_logits");
   const at::Tensor f_all = student_logits.contiguous();
   const at::Tensor s_all = cfg0.needs_teacher() ? teacher_logits->contiguous() : at::Tensor();
   const at::Tensor t_all = target.has_value() ? target->contiguous() : at::Tensor();

@@ -9,7 +9,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
+#include <vector>
 
 #include "kernel_utils.h"
 #include "loss_math.h"
@@ -87,6 +89,15 @@ inline void check_topk_indices(const at::Tensor& indices_in, int64_t V) {
   for (int64_t j = 0; j < indices.numel(); ++j) {
     TORCH_CHECK_VALUE(idx[j] >= 0 && idx[j] < V, "teacher_topk.indices[", j / k, ", ", j % k, "] = ", idx[j],
                       " is outside [0, ", V, ")");
+  }
+  // a row's k classes are distinct: a repeated one would hold two teacher logits
+  std::vector<int64_t> row(k);
+  for (int64_t i = 0; i < indices.size(0); ++i) {
+    std::copy(idx + i * k, idx + (i + 1) * k, row.begin());
+    std::sort(row.begin(), row.end());
+    const auto repeated = std::adjacent_find(row.begin(), row.end());
+    TORCH_CHECK_VALUE(repeated == row.end(), "teacher_topk.indices[", i, "] holds class ", *repeated,
+                      " more than once");
   }
 }
 

@@ -267,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cpu(
   const FusedInputs in = prepare_inputs(cfg, hidden, weight, bias, target, target_indptr, target_indices,
                                         teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
                                         topk_indices, topk_logits, topk_lse);
-  check_backward_inputs(grad_losses, stats, in.B, in.acc_type, "fused_linear_loss_forward");
+  check_backward_inputs(grad_losses, stats, in.B, in.acc_type, "fused_linear_loss_forward", hidden, "student_hidden");
   const int64_t tile = choose_tile(tile_size, in.B, in.V);
   const at::Tensor g = grad_losses.to(in.acc_type).contiguous();
   const at::Tensor st = stats.contiguous();

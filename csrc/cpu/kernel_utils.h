@@ -88,11 +88,17 @@ inline void check_teacher_topk_inputs(const at::Tensor& hidden, const at::Tensor
 }
 
 // The backward's inputs from the forward: the upstream gradient of each row's
-// loss and the row statistics the forward returned.
+// loss and the row statistics the forward returned, on the device of `ref` (a
+// tensor on another device would hand the kernels a pointer they cannot read).
 inline void check_backward_inputs(const at::Tensor& grad_losses, const at::Tensor& stats, int64_t B,
-                                  at::ScalarType stats_type, const char* forward_op) {
+                                  at::ScalarType stats_type, const char* forward_op, const at::Tensor& ref,
+                                  const char* ref_name) {
   TORCH_CHECK_VALUE(grad_losses.dim() == 1 && grad_losses.size(0) == B, "grad_losses must have shape [", B,
                     "], got ", grad_losses.sizes());
+  TORCH_CHECK_VALUE(grad_losses.device() == ref.device(), "grad_losses is on ", grad_losses.device(), " but ",
+                    ref_name, " is on ", ref.device());
+  TORCH_CHECK_VALUE(stats.device() == ref.device(), "stats is on ", stats.device(), " but ", ref_name, " is on ",
+                    ref.device());
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == B && stats.size(1) == kNumRowStats &&
                         stats.scalar_type() == stats_type,
                     "stats must be the [", B, ", ", int64_t(kNumRowStats), "] ", stats_type, " tensor returned by ",
