@@ -105,8 +105,10 @@ def fused_linear_distillation_loss(
             a class tile is skipped in the backward when every ``|dL/dlogit|`` in it is below
             ``filter_eps`` times its row's upstream gradient; each skipped entry changes
             ``grad_hidden[i]`` by at most ``filter_eps * |g_i| * ||W_j||`` and ``grad_weight[j]`` by
-            at most ``filter_eps * |g_i| * ||h_i||``.
-        tile_size: classes per tile (default: from ``B`` and a 4 MiB per-thread budget).
+            at most ``filter_eps * |g_i| * ||h_i||``. The CUDA kernels do not filter yet: their
+            backward is always exact.
+        tile_size: classes per tile (default: from ``B`` and a memory budget for the [B, tile] buffers:
+            4 MiB per thread on CPU, 96 MiB on CUDA).
 
     The other keywords are those of :func:`kdfast.distillation_loss`. With a ``one_minus_prob``
     double term and a dense or on-the-fly teacher, the teacher's logits are made twice (its
