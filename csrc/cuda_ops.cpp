@@ -8,8 +8,9 @@
 // csrc/cuda/loss_tiles.cu reduce; tiles run in order on the current stream.
 // So the logits of one tile, not of the batch, reach global memory. The
 // backward is exact on CUDA: filter_eps is accepted and not used yet.
-// The index checks copy index tensors to the host (kernel_utils.h), one sync,
-// except while the stream is captured into a CUDA graph (no check then).
+// The forward ops check index values on the host (kernel_utils.h): one sync,
+// skipped while the stream is captured into a CUDA graph; the backward ops do
+// not check them again.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -150,15 +151,17 @@ at::Tensor weights_lse_backward(const LossConfig& cfg, const at::Tensor& stats, 
   return at::stack({stats.select(1, cpu::kMaxS), stats.select(1, cpu::kLogSumS)}, 1).contiguous();
 }
 
-// The fused op's loss keywords and tensors, checked (the CPU op's checks).
-std::pair<LossConfig, FusedInputs> checked_call(KDFAST_FUSED_INPUT_ARGS, KDFAST_LOSS_PARAMS) {
+// The fused op's loss keywords and tensors, checked (the CPU op's checks; index
+// values only when `check_index_values` and can_check_index_values()).
+std::pair<LossConfig, FusedInputs> checked_call(bool check_index_values, KDFAST_FUSED_INPUT_ARGS,
+                                                KDFAST_LOSS_PARAMS) {
   const LossConfig cfg =
       cpu::make_config(hard_weight, soft_weight, double_weight, temperature, std::string(negative_weighting),
                        negative_scale, negative_shift, label_smoothing, ignore_index,
                        weight.dim() == 2 ? weight.size(0) : 0);
   return {cfg, cpu::prepare_inputs(cfg, hidden, weight, bias, target, target_indptr, target_indices, teacher_logits,
                                    teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logits, topk_lse,
-                                   can_check_index_values())};
+                                   check_index_values && can_check_index_values())};
 }
 
 // The student's logits of classes [c0, c0 + n) and, when a term reads it, the
@@ -181,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_I
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the tile GEMMs must not re-enter autograd
   const c10::cuda::CUDAGuard device_guard(hidden.device());
   // (not structured bindings: C++17 lambdas, as AT_DISPATCH's, cannot capture them)
-  const auto call = checked_call(hidden, weight, bias, target, target_indptr, target_indices, teacher_logits,
+  const auto call = checked_call(true, hidden, weight, bias, target, target_indptr, target_indices, teacher_logits,
                                  teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logits, topk_lse,
                                  hard_weight, soft_weight, double_weight, temperature, negative_weighting,
                                  negative_scale, negative_shift, label_smoothing, ignore_index);
@@ -219,7 +222,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard device_guard(hidden.device());
   // (not structured bindings: C++17 lambdas, as AT_DISPATCH's, cannot capture them)
-  const auto call = checked_call(hidden, weight, bias, target, target_indptr, target_indices, teacher_logits,
+  // index values are not checked again (a host sync per step): the forward
+  // checked these tensors, and the kernels stay in bounds on any values
+  const auto call = checked_call(false, hidden, weight, bias, target, target_indptr, target_indices, teacher_logits,
                                  teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logits, topk_lse,
                                  hard_weight, soft_weight, double_weight, temperature, negative_weighting,
                                  negative_scale, negative_shift, label_smoothing, ignore_index);
