@@ -372,12 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     k_r, e_r = summary["impls"].get("kdfast"), summary["impls"].get("eager")
     verdict = goal_verdict(k_r["floor_multiple"] if k_r else None, k_r["speedup_vs_eager"] if k_r and e_r else None)
 
-    print()
-    if checks:
-        print("correctness (kdfast vs eager, same inputs):")
-        for line in checks:
-            print("  " + line)
-        print()
+    common.print_checks(checks)
     print(f"sgemm rate (median of {len(rates)}): {rate:.1f} GFLOP/s; GEMM floor 2*B*d*V = "
           f"{summary['flops'] / 1e9:.1f} GFLOP -> {summary['floor_s']:.3f} s\n")
     common.print_table(HEADERS, table_rows(args, summary))
