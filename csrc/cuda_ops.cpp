@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 
 #include "cpu/fused_inputs.h"
@@ -74,6 +75,9 @@ bool can_check_index_values() {
 // Class tile: the [B, tile] student, teacher and gradient buffers in about
 // 96 MiB, a multiple of 128 (at most V).
 int64_t cuda_tile(int64_t requested, int64_t B, int64_t V, int64_t acc_bytes) {
+  // the kernels run one block per row, and a grid has at most 2^31 - 1 blocks
+  TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(), "a batch of ", B,
+                    " rows is over the 2^31 - 1 the CUDA kernels take at once; split it");
   int64_t tile = requested;
   if (tile <= 0) {
     const int64_t budget_bytes = int64_t(96) << 20;
