@@ -155,19 +155,6 @@ at::Tensor weights_lse_backward(const LossConfig& cfg, const at::Tensor& stats, 
   return at::stack({stats.select(1, cpu::kMaxS), stats.select(1, cpu::kLogSumS)}, 1).contiguous();
 }
 
-// The fused op's loss keywords and tensors, checked (the CPU op's checks; index
-// values only when `check_index_values` and can_check_index_values()).
-std::pair<LossConfig, FusedInputs> checked_call(bool check_index_values, KDFAST_FUSED_INPUT_ARGS,
-                                                KDFAST_LOSS_PARAMS) {
-  const LossConfig cfg =
-      cpu::make_config(hard_weight, soft_weight, double_weight, temperature, std::string(negative_weighting),
-                       negative_scale, negative_shift, label_smoothing, ignore_index,
-                       weight.dim() == 2 ? weight.size(0) : 0);
-  return {cfg, cpu::prepare_inputs(cfg, hidden, weight, bias, target, target_indptr, target_indices, teacher_logits,
-                                   teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logits, topk_lse,
-                                   check_index_values && can_check_index_values())};
-}
-
 // The student's logits of classes [c0, c0 + n) and, when a term reads it, the
 // teacher's, as [B, n] views of the tile buffers.
 template <typename acc_t>
@@ -188,10 +175,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_I
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the tile GEMMs must not re-enter autograd
   const c10::cuda::CUDAGuard device_guard(hidden.device());
   // (not structured bindings: C++17 lambdas, as AT_DISPATCH's, cannot capture them)
-  const auto call = checked_call(true, hidden, weight, bias, target, target_indptr, target_indices, teacher_logits,
-                                 teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logits, topk_lse,
-                                 hard_weight, soft_weight, double_weight, temperature, negative_weighting,
-                                 negative_scale, negative_shift, label_smoothing, ignore_index);
+  const auto call = cpu::prepare_call(can_check_index_values(), KDFAST_FUSED_INPUT_NAMES, KDFAST_LOSS_NAMES);
   const LossConfig& cfg = call.first;
   const FusedInputs& in = call.second;
   const int64_t tile = cuda_tile(tile_size, in.B, in.V, at::elementSize(in.acc_type));
@@ -228,10 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
   // (not structured bindings: C++17 lambdas, as AT_DISPATCH's, cannot capture them)
   // index values are not checked again (a host sync per step): the forward
   // checked these tensors, and the kernels stay in bounds on any values
-  const auto call = checked_call(false, hidden, weight, bias, target, target_indptr, target_indices, teacher_logits,
-                                 teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logits, topk_lse,
-                                 hard_weight, soft_weight, double_weight, temperature, negative_weighting,
-                                 negative_scale, negative_shift, label_smoothing, ignore_index);
+  const auto call = cpu::prepare_call(false, KDFAST_FUSED_INPUT_NAMES, KDFAST_LOSS_NAMES);
   const LossConfig& cfg = call.first;
   const FusedInputs& in = call.second;
   cpu::check_backward_inputs(grad_losses, stats, in.B, in.acc_type, "fused_linear_loss_forward", hidden,

@@ -237,5 +237,22 @@ inline FusedInputs prepare_inputs(const LossConfig& cfg, const at::Tensor& hidde
   double hard_weight, double soft_weight, double double_weight, double temperature,                         \
       c10::string_view negative_weighting, double negative_scale, double negative_shift,                     \
       double label_smoothing, int64_t ignore_index
+// Their names, to forward them.
+#define KDFAST_FUSED_INPUT_NAMES                                                                             \
+  hidden, weight, bias, target, target_indptr, target_indices, teacher_logits, teacher_hidden, teacher_weight, \
+      teacher_bias, topk_indices, topk_logits, topk_lse
+#define KDFAST_LOSS_NAMES                                                                                    \
+  hard_weight, soft_weight, double_weight, temperature, negative_weighting, negative_scale, negative_shift,   \
+      label_smoothing, ignore_index
+
+// A fused op's loss keywords and tensors, checked: the loss config and the
+// unpacked inputs every device's forward and backward start from.
+inline std::pair<LossConfig, FusedInputs> prepare_call(bool check_index_values, KDFAST_FUSED_INPUT_ARGS,
+                                                       KDFAST_LOSS_PARAMS) {
+  const LossConfig cfg =
+      make_config(hard_weight, soft_weight, double_weight, temperature, std::string(negative_weighting),
+                  negative_scale, negative_shift, label_smoothing, ignore_index, weight.dim() == 2 ? weight.size(0) : 0);
+  return {cfg, prepare_inputs(cfg, KDFAST_FUSED_INPUT_NAMES, check_index_values)};
+}
 
 }  // namespace kdfast::cpu

@@ -243,12 +243,10 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cpu(KDFAST_FUSED_IN
                                                                  int64_t tile_size, double /*filter_eps*/) {
   // the tile GEMMs below must not re-enter autograd (the inputs require grad)
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const LossConfig cfg =
-      make_config(hard_weight, soft_weight, double_weight, temperature, std::string(negative_weighting),
-                  negative_scale, negative_shift, label_smoothing, ignore_index, weight.dim() == 2 ? weight.size(0) : 0);
-  const FusedInputs in = prepare_inputs(cfg, hidden, weight, bias, target, target_indptr, target_indices,
-                                        teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
-                                        topk_indices, topk_logits, topk_lse);
+  // (not structured bindings: C++17 lambdas, as AT_DISPATCH's, cannot capture them)
+  const auto call = prepare_call(true, KDFAST_FUSED_INPUT_NAMES, KDFAST_LOSS_NAMES);
+  const LossConfig& cfg = call.first;
+  const FusedInputs& in = call.second;
   const int64_t tile = choose_tile(tile_size, in.B, in.V);
   at::Tensor losses = at::zeros({in.B}, in.hidden.options());
   at::Tensor stats = at::zeros({in.B, kNumRowStats}, in.hidden.options());
@@ -261,12 +259,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cpu(
     const at::Tensor& grad_losses, KDFAST_FUSED_INPUT_ARGS, const at::Tensor& stats, KDFAST_LOSS_PARAMS,
     int64_t tile_size, double filter_eps) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const LossConfig cfg =
-      make_config(hard_weight, soft_weight, double_weight, temperature, std::string(negative_weighting),
-                  negative_scale, negative_shift, label_smoothing, ignore_index, weight.dim() == 2 ? weight.size(0) : 0);
-  const FusedInputs in = prepare_inputs(cfg, hidden, weight, bias, target, target_indptr, target_indices,
-                                        teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
-                                        topk_indices, topk_logits, topk_lse);
+  const auto call = prepare_call(true, KDFAST_FUSED_INPUT_NAMES, KDFAST_LOSS_NAMES);
+  const LossConfig& cfg = call.first;
+  const FusedInputs& in = call.second;
   check_backward_inputs(grad_losses, stats, in.B, in.acc_type, "fused_linear_loss_forward", hidden, "student_hidden");
   const int64_t tile = choose_tile(tile_size, in.B, in.V);
   const at::Tensor g = grad_losses.to(in.acc_type).contiguous();
