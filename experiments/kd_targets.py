@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
         p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     ours.variants = variants
     args = xmc.parse_args(xmc.AMAZON670K, rest)
+    if args.kd_temperature != 1.0:
+        p.error("--kd-temperature: the targets q are compared at T = 1 (the soft term trains on q itself)")
     if args.teacher_signal != "topk":
         p.error("--teacher-signal: the targets are built from a top-k label store; use topk")
     return ours, args
@@ -141,35 +143,18 @@ def check_uniform_is_hard(data: xmc.Data, args: argparse.Namespace, store: kdfas
 
 def train_variant(variant: str, data: xmc.Data, args: argparse.Namespace, store: kdfast.LabelStore,
                   log: Log) -> tuple[SparseLinearClassifier, float, list[float]]:
-    """The student (width args.student_width) trained with Adam on one variant's targets."""
+    """The student (width args.student_width) trained as Table 1's distilled student (its loss,
+    initialization, batches and optimizer) on one variant's targets."""
     torch.manual_seed(args.seed + 3)  # the initialization of Table 1's distilled student
     model = SparseLinearClassifier(data.num_features, args.student_width, data.num_labels)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    n = data.X_train.shape[0]
-    steps = -(-n // args.batch_size)
-    rng = np.random.default_rng(args.seed + 1000 * xmc.MODELS.index("student_kd"))
-    losses: list[float] = []
-    start = time.perf_counter()
-    for epoch in range(args.student_epochs):
-        order = rng.permutation(n)
-        total = 0.0
-        for step in xmc.progress(range(steps), steps, f"{variant} epoch {epoch + 1}/{args.student_epochs}",
-                                 not args.no_progress):
-            rows = np.sort(order[step * args.batch_size:(step + 1) * args.batch_size])
-            idx, logits = store[rows][:2]
-            q_logits = target_logits(variant, idx, logits, positives_mask(data.Y_train[rows], data.num_labels))
-            loss = kdfast.fused_linear_distillation_loss(
-                model.encode(data.X_train[rows]), model.output.weight, xmc.batch_targets(data.Y_train, rows, "cpu"),
-                student_bias=model.output.bias, teacher_logits=q_logits, hard_weight=0.0, soft_weight=1.0,
-                reduction="mean")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-            losses.append(loss.item())
-        log(f"  {variant} epoch {epoch + 1}/{args.student_epochs}: mean loss {total / steps:.4f} "
-            f"({time.perf_counter() - start:.1f} s)")
-    return model, time.perf_counter() - start, losses
+
+    def targets(rows: np.ndarray) -> dict:
+        idx, logits = store[rows][:2]
+        return {"teacher_logits": target_logits(variant, idx, logits,
+                                                positives_mask(data.Y_train[rows], data.num_labels))}
+
+    r = xmc.train_model("student_kd", model, data, args, log, epochs=args.student_epochs, teacher_keywords=targets)
+    return model, r.seconds, r.losses
 
 
 def bar_chart(results: dict[str, dict], path: Path) -> None:

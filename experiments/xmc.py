@@ -30,6 +30,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,8 +242,11 @@ def loss_keywords(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def train_model(
     name: str, model: SparseLinearClassifier, data: Data, args: argparse.Namespace, log: Log, *,
     epochs: int, teacher: SparseLinearClassifier | None = None, store: kdfast.LabelStore | None = None,
+    teacher_keywords: Callable[[np.ndarray], dict[str, Any]] | None = None,
 ) -> TrainResult:
-    """Adam over shuffled batches of points, the fused loss with pick-all-labels targets."""
+    """Adam over shuffled batches of points, the fused loss with pick-all-labels targets. The
+    teacher signal comes from `teacher` (on the fly), `store` (top-k), or `teacher_keywords(rows)`
+    (the fused loss's teacher keywords for a batch's sorted training rows)."""
     device = args.device
     keywords = loss_keywords(name, args)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -261,7 +265,9 @@ def train_model(
             rows = np.sort(order[step * args.batch_size:(step + 1) * args.batch_size])
             hidden = model.encode(data.X_train[rows])
             teacher_kw: dict[str, Any] = {}
-            if teacher is not None:
+            if teacher_keywords is not None:
+                teacher_kw = teacher_keywords(rows)
+            elif teacher is not None:
                 with torch.no_grad():
                     teacher_kw = {"teacher_hidden": teacher.encode(data.X_train[rows]),
                                   "teacher_weight": teacher.output.weight, "teacher_bias": teacher.output.bias}
