@@ -272,8 +272,7 @@ def train_model(
                     teacher_kw = {"teacher_hidden": teacher.encode(data.X_train[rows]),
                                   "teacher_weight": teacher.output.weight, "teacher_bias": teacher.output.bias}
             elif store is not None:
-                topk = store[rows]
-                teacher_kw = {"teacher_topk": kdfast.TopK(*(t.to(device) if t is not None else None for t in topk))}
+                teacher_kw = {"teacher_topk": store[rows].to(device)}
             loss = kdfast.fused_linear_distillation_loss(
                 hidden, model.output.weight, batch_targets(data.Y_train, rows, device),
                 student_bias=model.output.bias, reduction="mean", **teacher_kw, **keywords,

@@ -98,7 +98,8 @@ def fused_linear_distillation_loss(
         teacher_hidden, teacher_weight, teacher_bias: ``[B, d_t]``, ``[V, d_t]``, ``[V]``, the teacher's
             logits made tile by tile (any ``d_t``); or
         teacher_topk: a :class:`kdfast.TopK` stored teacher (top-k probabilities renormalized over the k
-            classes; double-distillation weights from the stored logits inside the top-k, 1 outside).
+            classes; double-distillation weights from the stored logits inside the top-k, 1 outside;
+            ``one_minus_prob`` weights need its ``lse`` at ``temperature`` 1).
             The teacher never receives a gradient. Give at most one form.
         exact: ``True`` turns gradient filtering off.
         filter_eps: the filter threshold when ``exact=False`` (default :func:`default_filter_eps`):
@@ -206,6 +207,12 @@ def fused_linear_distillation_loss(
             _check_same(t, name, h, dtype=False)
         if not (topk_logits.is_floating_point() and topk_lse.is_floating_point()):
             raise TypeError("teacher_topk.logits and teacher_topk.lse must be floating point")
+        if double_weight > 0 and negative_weighting == "one_minus_prob" and teacher_topk.temperature != 1:
+            # the weights are 1 - exp(s - lse): lse must be LSE(s), not LSE(s / T)
+            raise ValueError(
+                f"one_minus_prob weights need teacher_topk.lse at temperature 1, but teacher_topk.temperature = "
+                f"{teacher_topk.temperature}: label with temperature=1, or use negative_weighting='sigmoid'"
+            )
     else:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("an on-the-fly teacher needs both teacher_hidden and teacher_weight")

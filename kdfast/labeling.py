@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from . import __version__, ops
 from .losses import _check_number, as_tensor
 from .models import _hash_tensor, model_fingerprint, tensor_bytes
-from .targets import TopK
+from .targets import TOPK_TENSOR_FIELDS, TopK
 
 __all__ = [
     "LabelStore",
@@ -144,7 +144,7 @@ def teacher_topk(
         raise ValueError(f"tile_size must be positive, got {tile_size}")
     with torch.no_grad():
         indices, logits, lse, entropy, covered = ops.teacher_topk(hidden, weight, bias, k, temperature, tile)
-    return TopK(indices, logits, lse, entropy, covered)
+    return TopK(indices, logits, lse, entropy, covered, temperature)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,7 +816,7 @@ def label_dataset(
                 b = min(s0 + n, a + batch_size)
                 top = teacher_topk(hidden_of(a, b), weight_dev, bias_dev, k=k, temperature=temperature)
                 rows = slice(a - s0, b - s0)
-                for field in TopK._fields:
+                for field in TOPK_TENSOR_FIELDS:
                     array[field][rows] = getattr(top, field).cpu().numpy()
                 if bar is not None:
                     bar.update(b - a)
@@ -1102,14 +1102,14 @@ class LabelStore:
         tensors = {f: torch.from_numpy(parts[f]) for f in parts}
         if device is not None:
             tensors = {f: t.to(device) for f, t in tensors.items()}
-        return TopK(**tensors)
+        return TopK(**tensors, temperature=self.temperature)
 
     def __getitem__(self, rows: Any) -> TopK:
         idx, single = self._row_indices(rows)
         parts = self._gather(idx)
         if single:
             parts = {f: a[0] for f, a in parts.items()}
-            return TopK(**{f: torch.from_numpy(np.array(a)) for f, a in parts.items()})
+            return TopK(**{f: torch.from_numpy(np.array(a)) for f, a in parts.items()}, temperature=self.temperature)
         return self._topk(parts)
 
     def batches(

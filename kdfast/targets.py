@@ -70,9 +70,14 @@ class TopK(NamedTuple):
     ``covered`` (probability mass inside the top-k) are optional per-row extras written
     by teacher labeling.
 
+    ``temperature`` is the temperature ``lse``, ``entropy`` and ``covered`` were computed
+    at: ``lse = LSE(logits / temperature)`` (:func:`kdfast.teacher_topk` and a label store
+    set it; ``logits`` are always raw).
+
     The fused losses use the top-k probabilities renormalized over the k stored classes
     as positives, and double-distillation weights from the stored logits inside the
-    top-k and 1 outside (``one_minus_prob`` weights use ``exp(logit - lse)``).
+    top-k and 1 outside. ``one_minus_prob`` weights use ``exp(logit - lse)``, so they need
+    ``temperature == 1``; the fused loss rejects any other.
     """
 
     indices: Tensor
@@ -80,7 +85,16 @@ class TopK(NamedTuple):
     lse: Tensor
     entropy: Tensor | None = None
     covered: Tensor | None = None
+    temperature: float = 1.0
 
     @property
     def k(self) -> int:
         return self.indices.shape[-1]
+
+    def to(self, device: torch.device | str) -> TopK:
+        """The same teacher with every tensor on ``device``."""
+        moved = {f: None if t is None else t.to(device) for f, t in zip(TOPK_TENSOR_FIELDS, self)}
+        return TopK(**moved, temperature=self.temperature)
+
+
+TOPK_TENSOR_FIELDS = ("indices", "logits", "lse", "entropy", "covered")  # TopK's tensor fields, in order

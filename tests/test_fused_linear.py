@@ -1289,6 +1289,13 @@ def _bad_cases():
             ValueError,
             r"teacher_topk.indices\[0\] holds class \d+ more than once",
         ),
+        "topk_lse_not_at_temperature_1": (  # one_minus_prob reads exp(s - lse): lse must be LSE(s)
+            (h, W, t),
+            dict(hard_weight=0.0, double_weight=1.0, negative_weighting="one_minus_prob",
+                 teacher_topk=topk_with(temperature=2.0)),
+            ValueError,
+            r"teacher_topk.temperature = 2.0",
+        ),
         # --- MultiTarget
         "multi_unsorted": ((h, W, mt_with(indices=[0, 2, 5, 3, 1, 4])), {}, ValueError, "target.indices.*sorted"),
         "multi_index_too_large": (

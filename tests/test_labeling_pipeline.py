@@ -30,6 +30,7 @@ import kdfast
 from kdfast import LabelStore, ShardVerificationError, TopK, label_dataset, labeling, reference
 from kdfast.__main__ import main as cli_main
 from kdfast.labeling import LabelStoreError, load_features
+from kdfast.targets import TOPK_TENSOR_FIELDS
 from kdfast.models import SparseLinearClassifier, load_checkpoint, model_fingerprint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,11 +179,12 @@ def test_row_access(tmp_path):
     store = label_model(model, X, tmp_path / "s")
     full = store[:]
     one = store[250]
+    assert one.temperature == store[[1, 2]].temperature == store.temperature
     assert one.indices.shape == (K,) and one.lse.shape == ()
     assert torch.equal(one.indices, full.indices[250]) and torch.equal(store[-1].lse, full.lse[-1])
     rows = [399, 0, 101, 101, 479]  # across shards, unsorted, repeated
     picked = store[np.array(rows)]
-    for field in TopK._fields:
+    for field in TOPK_TENSOR_FIELDS:
         assert torch.equal(getattr(picked, field), getattr(full, field)[rows])
         assert torch.equal(getattr(store[torch.tensor(rows)], field), getattr(full, field)[rows])
         assert torch.equal(getattr(store[95:305:3], field), getattr(full, field)[95:305:3])
@@ -283,8 +285,9 @@ def test_store_batches_plug_into_fused_loss(tmp_path):
         assert rows.dtype == torch.int64 and torch.equal(rows, torch.arange(seen, seen + len(rows)))
         direct = kdfast.teacher_topk(hidden[rows], W, b, k=K, temperature=2.0)
         direct_parts.append(direct)
-        for field in TopK._fields:
+        for field in TOPK_TENSOR_FIELDS:
             assert torch.equal(getattr(top, field), getattr(direct, field)), field
+        assert top.temperature == direct.temperature == 2.0  # the temperature of lse travels with it
         got = kdfast.fused_linear_distillation_loss(
             student_hidden[rows], student_weight, target[rows], teacher_topk=top, **terms
         )
@@ -296,11 +299,11 @@ def test_store_batches_plug_into_fused_loss(tmp_path):
     assert seen == N
 
     # shuffled batches: rows say which student rows the TopK belongs to
-    direct_all = TopK(*(torch.cat([getattr(p, f) for p in direct_parts]) for f in TopK._fields))
+    direct_all = TopK(*(torch.cat([getattr(p, f) for p in direct_parts]) for f in TOPK_TENSOR_FIELDS), temperature=2.0)
     order = []
     for rows, top in store.batches(100, shuffle=True, seed=3):
         order.append(rows)
-        want_top = TopK(*(getattr(direct_all, f)[rows] for f in TopK._fields))
+        want_top = TopK(*(getattr(direct_all, f)[rows] for f in TOPK_TENSOR_FIELDS), temperature=2.0)
         got = kdfast.fused_linear_distillation_loss(
             student_hidden[rows], student_weight, target[rows], teacher_topk=top, **terms
         )

@@ -29,6 +29,7 @@ from torch.testing import assert_close
 
 import kdfast
 from kdfast import TopK, reference
+from kdfast.targets import TOPK_TENSOR_FIELDS
 
 OP = torch.ops.kdfast.teacher_topk.default
 
@@ -244,6 +245,7 @@ def test_matches_topk_logsumexp_entropy(dtype, k_kind, bias, T, tdevice):
         res, h, w, b, k, T, all_resolved=not full_order_f32, min_resolved=0.8 if full_order_f32 else 1.0
     )
     assert frac > 0
+    assert res.temperature == T  # the temperature of lse/entropy/covered is recorded
     # temperature scales lse/entropy/covered only: the logits are raw
     assert_close(res.logits.double(), _logits64(h, w, b).gather(-1, res.indices), **_tols(dtype)[0])
     if k == V:
@@ -257,6 +259,18 @@ def test_many_tiles_large_logits(dtype, tdevice):
     h, w, b = _random(B, d, V, dtype=dtype, seed=2, scale=30.0, device=tdevice)
     for tile, T in ((None, 1.0), (257, 0.5), (4096, 3.0)):
         _check_against_full_logits(_run(h, w, b, 16, T, tile), h, w, b, 16, T)
+
+
+def test_to_moves_every_tensor_and_keeps_the_temperature(tdevice):
+    h, w, b = _random(3, 8, 50, dtype=torch.float32, seed=3)
+    res = _run(h, w, b, 4, T=2.5)
+    moved = res.to(tdevice)
+    assert moved.temperature == 2.5
+    for name in ("indices", "logits", "lse", "entropy", "covered"):
+        assert getattr(moved, name).device.type == torch.device(tdevice).type
+        assert torch.equal(getattr(moved, name).cpu(), getattr(res, name)), name
+    bare = TopK(res.indices, res.logits, res.lse).to(tdevice)  # optional fields stay None
+    assert bare.entropy is None and bare.covered is None and bare.temperature == 1.0
 
 
 def test_lse_of_huge_logits_does_not_overflow(tdevice):
@@ -541,7 +555,8 @@ def test_inputs_requiring_grad_give_outputs_without_grad(tdevice):
     h, w, b = _random(4, 6, 50, dtype=torch.float64, seed=18, device=tdevice)
     h, w, b = (t.requires_grad_(True) for t in (h, w, b))
     res = _run(h, w, b, 5, 2.0, 16)
-    for name, t in res._asdict().items():
+    for name in TOPK_TENSOR_FIELDS:
+        t = getattr(res, name)
         assert not t.requires_grad and t.grad_fn is None, name
     expected = _run(h.detach(), w.detach(), b.detach(), 5, 2.0, 16)
     _assert_equal_results(res, expected)
