@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Log, device_description, git_commit
+from common import Log, config_dict, device_description, git_commit
 from paper_math import load_idx_pair
 
 import kdfast
@@ -1131,7 +1131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"Seed 001 (does it pay to disobey?): {', '.join(parts_run)} — kdfast {kdfast.__version__}, "
         f"torch {torch.__version__}, commit {git_commit()}")
     log(f"device: cpu — {device_description('cpu')}")
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = config_dict(args)
     log("configuration: " + json.dumps(config, sort_keys=True))
 
     parts: dict[str, Any] = {}
@@ -1213,7 +1213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "parts": strip_private(parts), "claims": claims}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=float))
     write_report(out, summary, argv)
-    (out / "log.txt").write_text("\n".join(log.lines) + "\n")
+    log.save(out / "log.txt")
     print(f"results in {out}")
     return summary
 

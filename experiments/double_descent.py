@@ -46,7 +46,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import paper_math as pm
-from common import Log, device_description, git_commit, json_default
+from common import Log, config_dict, device_description, git_commit, json_default, run_parts
 
 import kdfast
 
@@ -1037,23 +1037,17 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"seed 000 double descent: parts {args.parts}, seed {args.seed}, quick {args.quick}, out {out}")
     log(f"device {device_description(args.device)}, commit {git_commit()}")
     start = time.time()
-    results: dict = {}
     runners = {"fig1": run_fig1, "fig2": run_fig2, "widths": run_widths}
-    timings = {}
-    for part in args.parts:
-        t = time.time()
-        results[part] = runners[part](args, log, out)
-        timings[part] = time.time() - t
-        log(f"{part} done in {timings[part]:.0f} s")
+    results, timings = run_parts(args.parts, lambda part: runners[part](args, log, out), log)
     seconds = time.time() - start
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = config_dict(args)
     payload = {"paper": "seed 000: Distilling Double Descent", "config": config, "seconds": seconds,
                "part_seconds": timings, "commit": git_commit(), "device": device_description(args.device),
                "results": results}
     (out / "results.json").write_text(json.dumps(payload, indent=1, default=json_default) + "\n")
     write_report(args, results, out, seconds, argv)
     log(f"wall time {seconds:.0f} s; wrote {out / 'results.json'}, {out / 'report.md'}")
-    (out / "log.txt").write_text("\n".join(log.lines) + "\n")
+    log.save(out / "log.txt")
     return payload
 
 

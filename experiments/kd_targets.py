@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import xmc
-from common import Log, device_description, git_commit
+from common import Log, config_dict, device_description, git_commit
 
 import kdfast
 from kdfast.metrics import evaluate, inverse_propensity
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     minutes = (time.perf_counter() - wall) / 60
     log(f"wall time {minutes:.1f} min")
 
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = config_dict(args)
     summary = {"data": data.description, "config": config, "variants": ours.variants, "check": check,
                "device": device_description("cpu"), "commit": git_commit(), "wall_minutes": minutes,
                "results": results}
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
               "term only, `m KL(q || softmax(f))` per point, for each target q:"), "", table, "", *comparisons, "",
               "![P@k by target](pk.png)", ""]
     (out / "report.md").write_text("\n".join(report))
-    (out / "log.txt").write_text("\n".join(log.lines) + "\n")
+    log.save(out / "log.txt")
     bar_chart(results, out / "pk.png")
     print(f"results in {out}")
     return summary

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
 import paper_math as pm
-from common import Log, device_description, git_commit, json_default
+from common import Log, config_dict, device_description, git_commit, json_default, run_parts
 
 import kdfast
 
@@ -1003,23 +1003,21 @@ def main(argv: list[str] | None = None) -> dict:
     runners = {"fig2": run_fig2, "fig3": run_fig3, "b1": run_b1, "b2": run_b2, "fashion": run_fashion,
                "cifar100": run_cifar100}
     start = time.time()
-    results, timings = {}, {}
-    for part in args.parts:
-        t = time.time()
-        results[part] = runners[part](args, log, out)
-        timings[part] = time.time() - t
-        for c in results[part].get("claims", []):
+
+    def log_claims(part: str, result: dict) -> None:
+        for c in result.get("claims", []):
             log(f"{part} claim: {c['claim']}: ours {c['ours']} -> {verdict(c['reproduced'])}")
-        log(f"{part} done in {timings[part]:.0f} s")
+
+    results, timings = run_parts(args.parts, lambda part: runners[part](args, log, out), log, after=log_claims)
     seconds = time.time() - start
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = config_dict(args)
     payload = {"paper": "seed 003: Why distillation helps: a statistical perspective", "config": config,
                "seconds": seconds, "part_seconds": timings, "commit": git_commit(),
                "device": device_description(args.device), "results": results}
     (out / "results.json").write_text(json.dumps(payload, indent=1, default=json_default) + "\n")
     write_report(args, results, out, seconds, timings, argv)
     log(f"wall time {seconds:.0f} s; wrote {out / 'results.json'}, {out / 'report.md'}")
-    (out / "log.txt").write_text("\n".join(log.lines) + "\n")
+    log.save(out / "log.txt")
     return payload
 
 

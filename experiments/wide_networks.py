@@ -48,7 +48,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from common import Log, device_description, git_commit
+from common import Log, config_dict, device_description, git_commit, run_parts
 
 import kdfast
 from kdfast.wide import (
@@ -841,20 +841,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"Seed 004 (knowledge distillation in wide networks) {', '.join(figures)} — kdfast {kdfast.__version__}, "
         f"torch {torch.__version__}, commit {git_commit()}")
     log(f"device: cpu — {device_description('cpu')}")
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = config_dict(args)
     config.update(sizes=sizes, input_dim=INPUT_DIM, input_distribution="uniform on [-1, 1]^2",
                   ground_truth_modes=GROUND_TRUTH_MODES)
     log("configuration: " + json.dumps(config, sort_keys=True))
     ctx: dict[str, Any] = {"sizes": sizes}
     if set(figures) & {"fig2", "fig4", "fig5"}:
         ctx["teacher"] = Teacher(args, sizes, log)
-    results: dict[str, Any] = {}
-    seconds: dict[str, float] = {}
-    for name in figures:
-        t0 = time.perf_counter()
-        results[name] = RUNNERS[name](args, ctx, log, out)
-        seconds[name] = time.perf_counter() - t0
-        log(f"{name} done in {seconds[name]:.1f} s")
+    results, seconds = run_parts(figures, lambda name: RUNNERS[name](args, ctx, log, out), log)
     wall = time.perf_counter() - wall_start
     summary = {"seed": args.seed, "config": config, "device": device_description("cpu"), "commit": git_commit(),
                "torch": torch.__version__, "kdfast": kdfast.__version__, "wall_seconds": wall,
@@ -863,7 +857,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "report.md").write_text(report_markdown(args, argv, summary, figures))
     log(f"wall time {wall / 60:.1f} min; results in {out}")
-    (out / "log.txt").write_text("\n".join(log.lines) + "\n")
+    log.save(out / "log.txt")
     return summary
 
 

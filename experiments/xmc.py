@@ -45,7 +45,7 @@ from kdfast.metrics import evaluate, inverse_propensity
 from kdfast.models import SparseLinearClassifier, save_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Log, device_description, git_commit
+from common import Log, config_dict, device_description, git_commit
 
 try:
     from tqdm.auto import tqdm
@@ -416,7 +416,7 @@ def main(spec: DatasetSpec, argv: list[str] | None = None) -> dict[str, Any]:
     log(f"Seed 003 Table 1 on {spec.title} — kdfast {kdfast.__version__}, torch {torch.__version__}, "
         f"commit {git_commit()}")
     log(f"device: {args.device} — {device_description(args.device)}")
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = config_dict(args)
     log("configuration: " + json.dumps(config, sort_keys=True))
 
     data = load_data(spec, args, log)
@@ -528,6 +528,6 @@ def main(spec: DatasetSpec, argv: list[str] | None = None) -> dict[str, Any]:
     (out / "report.md").write_text("\n".join(report))
     if results:
         bar_chart(spec, results, out / "pk.png")
-    (out / "log.txt").write_text("\n".join(log.lines) + "\n")
+    log.save(out / "log.txt")
     print(f"results in {out}")
     return summary
