@@ -7,7 +7,10 @@
 // setting says) into a [B, tile] float buffer that the kernels of
 // csrc/cuda/loss_tiles.cu reduce; tiles run in order on the current stream.
 // So the logits of one tile, not of the batch, reach global memory. The
-// backward is exact on CUDA: filter_eps is accepted and not used yet.
+// backward's gradient filter gives the CPU's results: a tile whose every
+// dL/dF entry is negligible adds nothing to the gradients. Its GEMMs still run
+// (skipping them would need a host sync or our own GEMM kernels), so on CUDA
+// the filter saves no time yet.
 // The forward ops check index values on the host (kernel_utils.h): one sync,
 // skipped while the stream is captured into a CUDA graph; the backward ops do
 // not check them again.
@@ -206,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_I
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
     const at::Tensor& grad_losses, KDFAST_FUSED_INPUT_ARGS, const at::Tensor& stats, KDFAST_LOSS_PARAMS,
-    int64_t tile_size, double /*filter_eps*/) {
+    int64_t tile_size, double filter_eps) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard device_guard(hidden.device());
   // (not structured bindings: C++17 lambdas, as AT_DISPATCH's, cannot capture them)
@@ -232,33 +235,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
   at::Tensor grad_bias = bias.has_value() ? at::empty({in.V}, opts) : at::Tensor();
   const LossTerms terms = loss_terms(cfg);
   const Targets targets = device_targets(in, cfg.ignore_index);
+  // gradient filter: one flag per tile, set on the device when the tile is kept
+  const bool filtering = filter_eps > 0;
+  const int64_t num_tiles = (in.V + tile - 1) / tile;
+  at::Tensor keep_flags = filtering ? at::zeros({num_tiles}, opts.dtype(at::kInt)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(in.acc_type, "fused_linear_loss_backward_cuda", [&] {
     at::Tensor f_buf = at::empty({in.B * tile}, opts);
     at::Tensor s_buf = cfg.needs_teacher() ? at::empty({in.B * tile}, opts) : at::Tensor();
     at::Tensor g_buf = at::empty({in.B * tile}, opts);
     at::Tensor g_low = low_precision ? at::empty({in.B * tile}, in.hidden_in.options()) : at::Tensor();
-    for (int64_t c0 = 0; c0 < in.V; c0 += tile) {
-      const int64_t n = std::min(tile, in.V - c0);
+    for (int64_t t = 0; t < num_tiles; ++t) {
+      const int64_t c0 = t * tile, n = std::min(tile, in.V - c0);
       const auto [f, s] = logit_tiles<scalar_t>(cfg, in, c0, n, f_buf, s_buf);
       at::Tensor G = cpu::tile_view(g_buf, in.B, n);
       gradient_tile<scalar_t>(terms, targets, st.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(lse_w),
                               f.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(s), g.data_ptr<scalar_t>(), in.B, n, c0,
-                              G.data_ptr<scalar_t>(), current_stream());
+                              G.data_ptr<scalar_t>(), filter_eps, filtering ? keep_flags.data_ptr<int>() + t : nullptr,
+                              current_stream());
       const at::Tensor w_tile = in.weight.narrow(0, c0, n);
       at::Tensor gw_tile = grad_weight.narrow(0, c0, n);
+      at::Tensor gh_tile;  // this tile's share of grad_hidden
       if (low_precision) {
         at::Tensor G_low = cpu::tile_view(g_low, in.B, n);
         G_low.copy_(G);
-        grad_hidden.add_(at::mm(G_low, w_tile, in.acc_type));
+        gh_tile = at::mm(G_low, w_tile, in.acc_type);
         gw_tile.copy_(at::mm(G_low.t(), in.hidden_in, in.acc_type));
       } else if (w_tile.scalar_type() == in.acc_type) {
-        grad_hidden.addmm_(G, w_tile);
+        if (filtering) {
+          gh_tile = at::mm(G, w_tile);
+        } else {
+          grad_hidden.addmm_(G, w_tile);
+        }
         at::mm_out(gw_tile, G.t(), in.hidden);
       } else {  // fp16 weights: float GEMMs, the gradient tile rounded once at the end
-        grad_hidden.addmm_(G, w_tile.to(in.acc_type));
+        gh_tile = at::mm(G, w_tile.to(in.acc_type));
         gw_tile.copy_(at::mm(G.t(), in.hidden));
       }
-      if (grad_bias.defined()) grad_bias.narrow(0, c0, n).copy_(G.sum(0));
+      at::Tensor gb_tile = grad_bias.defined() ? grad_bias.narrow(0, c0, n) : at::Tensor();
+      if (gb_tile.defined()) gb_tile.copy_(G.sum(0));
+      if (filtering) {
+        // a skipped tile, as on the CPU: zero grad_weight and grad_bias rows, nothing
+        // added to grad_hidden (masks on the device: no sync)
+        const at::Tensor skip = keep_flags.narrow(0, t, 1).eq(0);
+        gw_tile.masked_fill_(skip, 0);
+        if (gb_tile.defined()) gb_tile.masked_fill_(skip, 0);
+        if (gh_tile.defined()) gh_tile.masked_fill_(skip, 0);
+      }
+      if (gh_tile.defined()) grad_hidden.add_(gh_tile);
     }
   });
   check_launches();
@@ -372,7 +395,7 @@ at::Tensor distillation_loss_backward_cuda(const at::Tensor& grad_losses, const 
       at::Tensor G = cpu::tile_view(g_buf, B, n);
       gradient_tile<scalar_t>(terms, targets, st.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(lse_w),
                               f.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(s), g.data_ptr<scalar_t>(), B, n, c0,
-                              G.data_ptr<scalar_t>(), current_stream());
+                              G.data_ptr<scalar_t>(), 0.0, nullptr, current_stream());
       grad.narrow(1, c0, n).copy_(G);
     }
   });

@@ -106,8 +106,8 @@ def fused_linear_distillation_loss(
             a class tile is skipped in the backward when every ``|dL/dlogit|`` in it is below
             ``filter_eps`` times its row's upstream gradient; each skipped entry changes
             ``grad_hidden[i]`` by at most ``filter_eps * |g_i| * ||W_j||`` and ``grad_weight[j]`` by
-            at most ``filter_eps * |g_i| * ||h_i||``. The CUDA kernels do not filter yet: their
-            backward is always exact.
+            at most ``filter_eps * |g_i| * ||h_i||``. CUDA gives the same gradients but still runs the
+            skipped tiles' GEMMs (the filter saves no time there yet).
         tile_size: classes per tile (default: from ``B`` and a memory budget for the [B, tile] buffers:
             4 MiB per thread on CPU, 96 MiB on CUDA).
 

@@ -108,7 +108,7 @@ __device__ __forceinline__ T log_weight(const LossTerms& p, T s, const T* lse_w)
     return -(std_max(z, T(0)) + d_log1p(d_exp(-fabs(z))));
   }
   const T x0 = (s - exp_shift(lse_w[0])) - lse_w[1];
-  const T x = x0 < T(0) ? x0 : T(0);
+  const T x = (x0 < T(0) || x0 != x0) ? x0 : T(0);  // min(x0, 0) keeping NaN, as at::vec::minimum
   return x > -T(0.6931471805599453) ? d_log(-d_expm1(x)) : d_log1p(-d_exp(x));
 }
 
@@ -319,12 +319,14 @@ __global__ void finish_lse_kernel(T* lse, int64_t B) {
   if (i < B) lse[2 * i + 1] = d_log(lse[2 * i + 1]);
 }
 
-// loss_math.h's gradient_chunk for one row of the tile.
+// loss_math.h's gradient_chunk for one row of the tile. With keep_flag, a row
+// with an entry above filter_eps * |its upstream gradient| (or NaN) sets it to 1:
+// fused_linear_loss.cpp's filter test, on the finished entries.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gradient_tile_kernel(LossTerms p, Targets targets, const T* stats_all,
                                                                  const T* lse_w_all, const T* f_all, const T* s_all,
                                                                  const T* grad_losses, int64_t n, int64_t c0,
-                                                                 T* grad_all) {
+                                                                 T* grad_all, double filter_eps, int* keep_flag) {
   const int64_t row = blockIdx.x;
   T* grad = grad_all + row * n;
   RowTarget y;
@@ -371,6 +373,13 @@ __global__ void __launch_bounds__(kThreads) gradient_tile_kernel(LossTerms p, Ta
         if (c >= c0 && c < c0 + n) grad[c - c0] -= at_positive;
       }
     }
+  }
+  if (keep_flag) {
+    __syncthreads();  // thread 0's corrections land before the test
+    const T limit = T(filter_eps) * fabs(scale);
+    bool keep = false;
+    for (int64_t j = threadIdx.x; j < n && !keep; j += kThreads) keep = !(fabs(grad[j]) <= limit);  // NaN keeps
+    if (__syncthreads_or(keep) && threadIdx.x == 0) atomicExch(keep_flag, 1);
   }
 }
 
@@ -429,10 +438,10 @@ void finish_lse(acc_t* lse, int64_t B, cudaStream_t stream) {
 template <typename acc_t>
 void gradient_tile(const LossTerms& terms, const Targets& targets, const acc_t* stats, const acc_t* lse_w,
                    const acc_t* f, const acc_t* s, const acc_t* grad_losses, int64_t B, int64_t n, int64_t c0,
-                   acc_t* grad, cudaStream_t stream) {
+                   acc_t* grad, double filter_eps, int* keep_flag, cudaStream_t stream) {
   if (B > 0 && n > 0) {
-    gradient_tile_kernel<acc_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(terms, targets, stats, lse_w, f, s,
-                                                                                    grad_losses, n, c0, grad);
+    gradient_tile_kernel<acc_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+        terms, targets, stats, lse_w, f, s, grad_losses, n, c0, grad, filter_eps, keep_flag);
   }
 }
 
@@ -453,7 +462,7 @@ void topk_teacher_tile(const int64_t* indices, const acc_t* logits, int64_t B, i
   template void accumulate_lse_tile<T>(const T*, int64_t, int64_t, T*, cudaStream_t);                           \
   template void finish_lse<T>(T*, int64_t, cudaStream_t);                                                       \
   template void gradient_tile<T>(const LossTerms&, const Targets&, const T*, const T*, const T*, const T*,      \
-                                 const T*, int64_t, int64_t, int64_t, T*, cudaStream_t);                        \
+                                 const T*, int64_t, int64_t, int64_t, T*, double, int*, cudaStream_t);          \
   template void topk_teacher_tile<T>(const int64_t*, const T*, int64_t, int64_t, int64_t, int64_t, T*,          \
                                      cudaStream_t);
 KDFAST_INSTANTIATE(float)

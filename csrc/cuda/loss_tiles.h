@@ -81,10 +81,13 @@ void finish_lse(acc_t* lse, int64_t B, cudaStream_t stream);
 
 // grad [B, n] <- dL/df of the tile times each row's upstream gradient
 // grad_losses [B], from the forward's stats; lse_w as for accumulate_tile.
+// keep_flag (or null: no filter test): set to 1 when an entry of a row that
+// contributes is not below filter_eps * |its upstream gradient|, or is NaN;
+// left as it is otherwise (the caller zeroes it before the tile).
 template <typename acc_t>
 void gradient_tile(const LossTerms& terms, const Targets& targets, const acc_t* stats, const acc_t* lse_w,
                    const acc_t* f, const acc_t* s, const acc_t* grad_losses, int64_t B, int64_t n, int64_t c0,
-                   acc_t* grad, cudaStream_t stream);
+                   acc_t* grad, double filter_eps, int* keep_flag, cudaStream_t stream);
 
 // A stored top-k teacher as a tile: s [B, n] <- its logits at its classes inside
 // [c0, c0 + n), -inf elsewhere (so q = 0 and w = 1 there).
