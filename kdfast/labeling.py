@@ -101,7 +101,7 @@ def teacher_topk(
     Args:
         hidden: ``[B, d]`` teacher hidden states (float16, bfloat16, float32 or float64).
         weight: ``[V, d]`` teacher output weights, same dtype; ``bias``: ``[V]``.
-        k: entries kept per row, ``1 <= k <= V``.
+        k: entries kept per row, ``1 <= k <= V`` (and ``k <= 2048`` on CUDA).
         temperature: the temperature of ``lse``, ``entropy`` and ``covered``.
         tile_size: classes per tile (default: from ``B`` and a per-thread memory budget).
 
