@@ -1099,17 +1099,14 @@ class LabelStore:
         return out
 
     def _topk(self, parts: dict[str, np.ndarray], device: torch.device | str | None = None) -> TopK:
-        tensors = {f: torch.from_numpy(parts[f]) for f in parts}
-        if device is not None:
-            tensors = {f: t.to(device) for f, t in tensors.items()}
-        return TopK(**tensors, temperature=self.temperature)
+        top = TopK(**{f: torch.from_numpy(a) for f, a in parts.items()}, temperature=self.temperature)
+        return top if device is None else top.to(device)
 
     def __getitem__(self, rows: Any) -> TopK:
         idx, single = self._row_indices(rows)
         parts = self._gather(idx)
         if single:
-            parts = {f: a[0] for f, a in parts.items()}
-            return TopK(**{f: torch.from_numpy(np.array(a)) for f, a in parts.items()}, temperature=self.temperature)
+            parts = {f: np.array(a[0]) for f, a in parts.items()}
         return self._topk(parts)
 
     def batches(

@@ -1291,8 +1291,8 @@ def _bad_cases():
         ),
         "topk_lse_not_at_temperature_1": (  # one_minus_prob reads exp(s - lse): lse must be LSE(s)
             (h, W, t),
-            dict(hard_weight=0.0, double_weight=1.0, negative_weighting="one_minus_prob",
-                 teacher_topk=topk_with(temperature=2.0)),
+            {"hard_weight": 0.0, "double_weight": 1.0, "negative_weighting": "one_minus_prob",
+             "teacher_topk": topk_with(temperature=2.0)},
             ValueError,
             r"teacher_topk.temperature = 2.0",
         ),

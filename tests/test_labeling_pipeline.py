@@ -30,8 +30,8 @@ import kdfast
 from kdfast import LabelStore, ShardVerificationError, TopK, label_dataset, labeling, reference
 from kdfast.__main__ import main as cli_main
 from kdfast.labeling import LabelStoreError, load_features
-from kdfast.targets import TOPK_TENSOR_FIELDS
 from kdfast.models import SparseLinearClassifier, load_checkpoint, model_fingerprint, save_checkpoint
+from kdfast.targets import TOPK_TENSOR_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 N, D, HIDDEN, V, K = 480, 60, 16, 700, 8

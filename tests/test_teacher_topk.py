@@ -266,7 +266,7 @@ def test_to_moves_every_tensor_and_keeps_the_temperature(tdevice):
     res = _run(h, w, b, 4, T=2.5)
     moved = res.to(tdevice)
     assert moved.temperature == 2.5
-    for name in ("indices", "logits", "lse", "entropy", "covered"):
+    for name in TOPK_TENSOR_FIELDS:
         assert getattr(moved, name).device.type == torch.device(tdevice).type
         assert torch.equal(getattr(moved, name).cpu(), getattr(res, name)), name
     bare = TopK(res.indices, res.logits, res.lse).to(tdevice)  # optional fields stay None
