@@ -1,4 +1,5 @@
-"""Forward+backward time and peak memory of ``kdfast.fused_linear_distillation_loss`` against PyTorch eager.
+"""Forward+backward time and peak memory of ``kdfast.fused_linear_distillation_loss`` against PyTorch eager
+and ``torch.compile``.
 
 The student's last linear layer plus the loss, at the Amazon-670K shapes of
 ``shared/DESIGN.md`` section 3 (default B=256, d_s=64, V=670,091, float32; an on-the-fly
@@ -19,13 +20,18 @@ teacher has d_t=512); loss and gradients of the student hidden ``h`` [B, d_s] an
                     eager expands the rows, ``F.cross_entropy(F.linear(h[rows], W), labels)`` (mean over the
                     positives).
 
+``compile`` is ``torch.compile`` (Inductor's C++ backend, default mode) of eager's step as a
+function of tensors; it still makes the dense [B, V] logits, but fuses the loss's elementwise work.
+Its first step compiles (a minute or two per case on 2 cores): that step is run and reported
+apart (``compile_s``) before its peak memory and times are measured.
+
 Each (case, implementation) runs in a fresh process: make the inputs, reset the peak RSS
 (``/proc/self/clear_refs``), run one forward+backward and record the growth of the peak RSS
 over it; then time ``--warmup`` + ``--repeats`` more steps (median reported; ``--slow-repeats``
-for eager in the cases where its step takes 5-30 s). "Extra" peak
+for eager and compile in the cases where eager's step takes 5-30 s). "Extra" peak
 is that growth minus the bytes of the gradients the step returns ((B + V) * d_s * 4): the
-memory beyond the inputs and the outputs. The kdfast worker finally checks its loss and
-gradients against eager once. A separate worker measures the sgemm rate (4096^3 float32
+memory beyond the inputs and the outputs. The kdfast and compile workers finally check their
+loss and gradients against eager once. A separate worker measures the sgemm rate (4096^3 float32
 matmul, same threads) at the start and the end of the run; each case's floor is
 ``(6 B d_s V [+ 2 B d_t V for an on-the-fly teacher]) / rate`` at the higher of the two rates.
 
@@ -78,7 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 CASES = ("ce", "ce_kd_linear", "dd_linear", "dd_topk", "pal")
-IMPLS = ("eager", "kdfast")
+IMPLS = ("eager", "kdfast", "compile")
 
 CASE_TITLES = {
     "ce": "hard CE",
@@ -280,10 +286,22 @@ def kdfast_loss(case: str, x: Inputs) -> torch.Tensor:
 LOSS_FNS: dict[str, Callable] = {"eager": eager_loss, "kdfast": kdfast_loss}
 
 
+def compiled_loss(case: str, x: Inputs) -> Callable[[], torch.Tensor]:
+    """``torch.compile`` of eager's step of ``case`` (the same function as on CUDA; it compiles on
+    its first call)."""
+    fn, fn_args = eager_parts(case, x)
+    compiled = torch.compile(fn)
+    return lambda: compiled(*fn_args)
+
+
 def make_step(impl: str, case: str, x: Inputs) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
     """``(step, reset)``: ``step()`` runs forward+backward and returns the loss (detached);
     ``reset()`` drops the previous gradients so that every step allocates its own."""
-    loss_fn = LOSS_FNS[impl]
+    if impl == "compile":
+        compiled = compiled_loss(case, x)
+        loss_fn = lambda case, x: compiled()
+    else:
+        loss_fn = LOSS_FNS[impl]
 
     def step() -> torch.Tensor:
         loss = loss_fn(case, x)
@@ -322,9 +340,10 @@ def kdfast_gemm_flops(case: str, batch: int, classes: int, dim: int, teacher_dim
     return flops
 
 
-def check_against_eager(case: str, x: Inputs) -> dict:
-    """kdfast's loss and gradients (of h and W) against eager's, on the same inputs."""
-    step_k, reset = make_step("kdfast", case, x)
+def check_against_eager(case: str, x: Inputs, impl: str = "kdfast") -> dict:
+    """``impl``'s loss and gradients (of h and W) against eager's, on the same inputs (keys say
+    kdfast for either impl)."""
+    step_k, reset = make_step(impl, case, x)
     reset()
     loss_k = step_k()
     grads_k = [t.grad for t in x.leaves()]
@@ -358,6 +377,12 @@ def worker(case: str, impl: str, args: argparse.Namespace) -> dict:
     x = make_inputs(case, args.batch, args.classes, args.dim, args.teacher_dim)
     step, reset = make_step(impl, case, x)
     reset()
+    compile_s = None
+    if impl == "compile":  # compile first: the compiler's own memory is not the step's
+        start = time.perf_counter()
+        step()
+        compile_s = time.perf_counter() - start
+        reset()
     gc.collect()
     peak_mb, method, loss = common.peak_memory_growth_mb(step)
     times = common.time_fn(step, repeats=args.repeats, warmup=args.warmup, setup=reset)
@@ -366,16 +391,18 @@ def worker(case: str, impl: str, args: argparse.Namespace) -> dict:
         "case": case, "impl": impl, "threads": threads, "peak_mb": peak_mb, "memory_method": method,
         "grad_mb": gbytes / common.MB, "extra_peak_mb": peak_mb - gbytes / common.MB,
         "times": times, "time_s": common.median(times), "loss": loss.item(), "positives": x.num_positives,
+        "compile_s": compile_s,
     }
     reset()
-    if impl == "kdfast" and not args.no_check:
-        result["check"] = check_against_eager(case, x)
+    if impl != "eager" and not args.no_check:
+        result["check"] = check_against_eager(case, x, impl)
     return result
 
 
 def repeats_for(case: str, impl: str, args: argparse.Namespace) -> int:
-    """Timed steps of ``(case, impl)``: ``--slow-repeats`` for eager in the slow cases, else ``--repeats``."""
-    return args.slow_repeats if impl == "eager" and case in SLOW_EAGER else args.repeats
+    """Timed steps of ``(case, impl)``: ``--slow-repeats`` for eager and compile in the slow cases,
+    else ``--repeats``."""
+    return args.slow_repeats if impl in ("eager", "compile") and case in SLOW_EAGER else args.repeats
 
 
 def worker_argv(case: str, impl: str, args: argparse.Namespace) -> list[str]:
@@ -442,11 +469,14 @@ def goal_checks(case: str, speedup: float | None, extra_ratio: float | None, flo
 
 def summarize(results: dict[tuple[str, str], dict], cases: list[str], args: argparse.Namespace,
               gflops: float | None) -> list[dict]:
-    """One summary per case: times, peaks, extra peaks, speedup, extra ratio, floor, goals."""
+    """One summary per case: times, peaks, extra peaks, speedups (over eager and over compile),
+    extra ratio, floor, goals."""
     out = []
     for case in cases:
         e, k = results.get((case, "eager")), results.get((case, "kdfast"))
+        c = results.get((case, "compile"))
         speedup = e["time_s"] / k["time_s"] if e and k else None
+        speedup_compile = c["time_s"] / k["time_s"] if c and k else None
         extra_ratio = (k["extra_peak_mb"] / e["extra_peak_mb"] if e and k and e["extra_peak_mb"] > 0 else None)
         floor_s = (floor_flops(case, args.batch, args.classes, args.dim, args.teacher_dim) / (gflops * 1e9)
                    if gflops else None)
@@ -455,7 +485,8 @@ def summarize(results: dict[tuple[str, str], dict], cases: list[str], args: argp
                   if gflops else None)
         goals = goal_checks(case, speedup, extra_ratio, floor_ratio)
         out.append({
-            "case": case, "eager": e, "kdfast": k, "speedup": speedup, "extra_ratio": extra_ratio,
+            "case": case, "eager": e, "kdfast": k, "compile": c, "speedup": speedup,
+            "speedup_compile": speedup_compile, "extra_ratio": extra_ratio,
             "floor_s": floor_s, "floor_ratio": floor_ratio, "gemm_s": gemm_s,
             "gemm_ratio": k["time_s"] / gemm_s if k and gemm_s else None, "goals": goals,
         })
@@ -474,26 +505,30 @@ def _goals_short(goals: list[tuple[str, bool | None, str]]) -> str:
 def table_rows(summary: list[dict]) -> list[list[str]]:
     rows = []
     for r in summary:
-        e, k = r["eager"] or {}, r["kdfast"] or {}
+        e, k, c = r["eager"] or {}, r["kdfast"] or {}, r["compile"] or {}
         rows.append([
             CASE_TITLES[r["case"]],
-            common.fmt(e.get("time_s"), ".3f"), common.fmt(k.get("time_s"), ".3f"), common.fmt(r["speedup"], ".2f"),
-            common.fmt(e.get("peak_mb"), ".0f"), common.fmt(k.get("peak_mb"), ".0f"),
-            common.fmt(e.get("extra_peak_mb"), ".0f"), common.fmt(k.get("extra_peak_mb"), ".1f"), common.fmt(r["extra_ratio"], ".3f"),
+            common.fmt(e.get("time_s"), ".3f"), common.fmt(c.get("time_s"), ".3f"), common.fmt(k.get("time_s"), ".3f"),
+            common.fmt(r["speedup"], ".2f"), common.fmt(r["speedup_compile"], ".2f"),
+            common.fmt(e.get("peak_mb"), ".0f"), common.fmt(c.get("peak_mb"), ".0f"), common.fmt(k.get("peak_mb"), ".0f"),
+            common.fmt(e.get("extra_peak_mb"), ".0f"), common.fmt(c.get("extra_peak_mb"), ".0f"),
+            common.fmt(k.get("extra_peak_mb"), ".1f"), common.fmt(r["extra_ratio"], ".3f"),
             common.fmt(r["floor_s"], ".3f"), common.fmt(r["floor_ratio"], ".2f"),
             common.fmt(r["gemm_s"], ".3f"), common.fmt(r["gemm_ratio"], ".2f"), _goals_short(r["goals"]),
         ])
     return rows
 
 
-HEADERS = ["case", "eager s", "kdfast s", "speedup", "eager peak MB", "kdfast peak MB", "eager extra MB",
-           "kdfast extra MB", "extra ratio", "floor s", "kdfast/floor", "kdfast GEMMs s", "kdfast/GEMMs", "goals"]
-ALIGN = "lrrrrrrrrrrrrl"
+HEADERS = ["case", "eager s", "compile s", "kdfast s", "speedup", "vs compile", "eager peak MB",
+           "compile peak MB", "kdfast peak MB", "eager extra MB", "compile extra MB", "kdfast extra MB", "extra ratio",
+           "floor s", "kdfast/floor", "kdfast GEMMs s", "kdfast/GEMMs", "goals"]
+ALIGN = "lrrrrrrrrrrrrrrrrl"
 
 
-def check_line(case: str, check: dict, positives: int = 0) -> str:
+def check_line(case: str, check: dict, positives: int = 0, impl: str = "kdfast") -> str:
     ok = check["loss_ok"] and check["grad_h_ok"] and check["grad_W_ok"]
-    parts = [(f"{case}: loss kdfast {check['loss_kdfast']:.6f} vs eager {check['loss_eager']:.6f} "
+    label = "" if impl == "kdfast" else f" ({impl})"
+    parts = [(f"{case}{label}: loss {impl} {check['loss_kdfast']:.6f} vs eager {check['loss_eager']:.6f} "
               f"({'allclose' if check['loss_ok'] else 'NOT allclose'})")]
     for name in ("h", "W"):
         diff, scale = check[f"grad_{name}_max_abs_diff"], check[f"grad_{name}_max_abs"]
@@ -502,7 +537,7 @@ def check_line(case: str, check: dict, positives: int = 0) -> str:
                      f"({'allclose' if check[f'grad_{name}_ok'] else 'NOT allclose'})")
     if case == "pal":
         parts[0] += f" [{positives} positives; eager = {positives} expanded rows]"
-    verdict = "OK: kdfast equals eager" if ok and case == "pal" else ("OK" if ok else "MISMATCH")
+    verdict = f"OK: {impl} equals eager" if ok and case == "pal" else ("OK" if ok else "MISMATCH")
     return "; ".join(parts) + f" -> {verdict}"
 
 
@@ -517,16 +552,21 @@ def markdown_section(meta: dict, args: argparse.Namespace, summary: list[dict], 
     gmb = (args.batch + args.classes) * args.dim * 4 / common.MB
     rates = ", ".join(f"{w} {v:.1f}" for w, v in sgemm.items() if v is not None)
     pos = f" ({positives:,} in all)" if positives else ""
+    compiles = [f"{r['case']} {r['compile']['compile_s']:.0f} s" for r in summary
+                if r["compile"] and r["compile"].get("compile_s") is not None]
+    compile_note = f" ({', '.join(compiles)})" if compiles else ""
     lines = [
         (f"Device: {meta['device']} · commit `{meta['commit']}` · {meta['date']} · "
          f"torch {meta['torch']} · kdfast {meta['kdfast']} · Python {meta['python']}"),
         "",
         (f"B = {args.batch}, d_s = {args.dim}, V = {args.classes:,}, d_t = {args.teacher_dim} (on-the-fly teacher), "
          f"top-{TOPK} teacher, {POSITIVES_PER_ROW} positives per row for pick-all-labels{pos}; float32, forward + "
-         f"backward (gradients of h and W); time = median of {args.repeats} ({args.slow_repeats} for eager in the "
-         f"slow cases {', '.join(SLOW_EAGER)}) after {args.warmup} warm-up; "
-         f"peak MB = {method}; extra MB = peak MB minus the {gmb:.0f} MB of returned gradients; "
-         "speedup = eager time / kdfast time; extra ratio = kdfast extra / eager extra; "
+         f"backward (gradients of h and W); compile = `torch.compile` of eager's step (Inductor, default mode), "
+         f"measured after its first step, which compiles{compile_note}; time = median of {args.repeats} "
+         f"({args.slow_repeats} for eager and compile in the slow cases {', '.join(SLOW_EAGER)}) after "
+         f"{args.warmup} warm-up; peak MB = {method}; extra MB = peak MB minus the {gmb:.0f} MB of returned "
+         "gradients; speedup = eager time / kdfast time; vs compile = compile time / kdfast time; "
+         "extra ratio = kdfast extra / eager extra; "
          f"floor = (6·B·d_s·V [+ 2·B·d_t·V on the fly]) flops at the sgemm rate "
          f"({SGEMM_N}³ float32 matmul, GFLOP/s: {rates}; the higher is used); kdfast GEMMs = the GEMMs "
          "kdfast's exact algorithm runs, (8·B·d_s·V [+ 4·B·d_t·V on the fly]) flops at the same rate "
@@ -537,7 +577,7 @@ def markdown_section(meta: dict, args: argparse.Namespace, summary: list[dict], 
         common.markdown_table(HEADERS, table_rows(summary), ALIGN),
     ]
     if checks:
-        lines += ["", (f"kdfast vs eager on these inputs (loss rtol {_e(LOSS_RTOL)}, atol {_e(LOSS_ATOL)}; gradients "
+        lines += ["", (f"kdfast and compile vs eager on these inputs (loss rtol {_e(LOSS_RTOL)}, atol {_e(LOSS_ATOL)}; gradients "
                        f"rtol {_e(GRAD_RTOL)}, atol {_e(GRAD_ATOL_REL)}·max|grad|):"), ""]
         lines += [f"- {c}" for c in checks]
     lines += ["", ("Goals (issue 3: hard CE at most 1/4 of eager's time; every case no slower than eager, extra "
@@ -1501,11 +1541,14 @@ def main(argv: list[str] | None = None) -> int:
     load_end = common.load_average()
     summary = summarize(results, args.case_list, args, gflops)
     positives = next((r["positives"] for (c, _), r in results.items() if c == "pal"), None)
-    checks = [check_line(c, results[(c, "kdfast")]["check"], positives or 0) for c in args.case_list
-              if "check" in results.get((c, "kdfast"), {})]
+    checks = [check_line(c, results[(c, impl)]["check"], positives or 0, impl)
+              for impl in ("kdfast", "compile") for c in args.case_list if "check" in results.get((c, impl), {})]
     common.print_checks(checks)
     common.print_table(HEADERS, table_rows(summary))
-    print(f"\nspeedup = eager time / kdfast time; peak MB = growth of peak RSS over one forward+backward; "
+    compiles = [f"{c} {r['compile_s']:.0f} s" for (c, impl), r in results.items() if impl == "compile"]
+    if compiles:
+        print("\ntorch.compile's first step (compiling, not timed): " + ", ".join(compiles))
+    print(f"\nspeedup = eager time / kdfast time; vs compile = compile time / kdfast time; peak MB = growth of peak RSS over one forward+backward; "
           f"extra = peak minus the returned gradients ({(args.batch + args.classes) * args.dim * 4 / common.MB:.0f} MB); "
           f"extra ratio = kdfast extra / eager extra; floor at {gflops:.1f} GFLOP/s "
           f"(sgemm start {sgemm['start']:.1f}, end {sgemm['end']:.1f})")
