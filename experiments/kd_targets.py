@@ -145,7 +145,7 @@ def train_variant(variant: str, data: xmc.Data, args: argparse.Namespace, store:
                   log: Log) -> tuple[SparseLinearClassifier, float, list[float]]:
     """The student (width args.student_width) trained as Table 1's distilled student (its loss,
     initialization, batches and optimizer) on one variant's targets."""
-    torch.manual_seed(args.seed + 3)  # the initialization of Table 1's distilled student
+    xmc.seed_model(args.seed, "student_kd")  # the initialization of Table 1's distilled student
     model = SparseLinearClassifier(data.num_features, args.student_width, data.num_labels)
 
     def targets(rows: np.ndarray) -> dict:
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"teacher: the label store {args.teacher_labels} ({len(store):,} rows, k = {store.manifest['k']})")
     else:
         log(f"teacher (width {args.teacher_width}), {args.teacher_epochs} epochs, as in Table 1")
-        torch.manual_seed(args.seed)
+        xmc.seed_model(args.seed, "teacher")  # Table 1's teacher
         teacher = SparseLinearClassifier(data.num_features, args.teacher_width, data.num_labels)
         xmc.train_model("teacher", teacher, data, args, log, epochs=args.teacher_epochs)
         teacher.eval()

@@ -54,6 +54,18 @@ except ImportError:  # tqdm is an `experiments` extra
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("teacher", "student", "student_kd", "student_dd")
+
+
+def model_seed(seed: int, name: str, stream: int = 0) -> int:
+    """The seed of one model's random stream (0: its initialization, 1: its batch order), derived
+    from the run's seed with numpy's SeedSequence so that no two (seed, model, stream) share one
+    (seed + offset schemes collide: model 2 of seed 0 would be model 1 of seed 1)."""
+    return int(np.random.SeedSequence([seed, MODELS.index(name), stream]).generate_state(1)[0])
+
+
+def seed_model(seed: int, name: str) -> None:
+    """Seed torch for `name`'s initialization: the same weights whatever else the run does."""
+    torch.manual_seed(model_seed(seed, name))
 MODEL_TITLES = {
     "teacher": "Teacher",
     "student": "Student",
@@ -252,7 +264,7 @@ def train_model(
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     n = data.X_train.shape[0]
     steps_per_epoch = math.ceil(n / args.batch_size)
-    rng = np.random.default_rng(args.seed + 1000 * MODELS.index(name))
+    rng = np.random.default_rng(model_seed(args.seed, name, stream=1))
     losses: list[float] = []
     start = time.perf_counter()
     model.train()
@@ -447,6 +459,7 @@ def main(spec: DatasetSpec, argv: list[str] | None = None) -> dict[str, Any]:
 
     if "teacher" in args.models:
         log(f"[1/4] teacher (width {args.teacher_width}), {args.teacher_epochs} epochs")
+        seed_model(args.seed, "teacher")
         teacher = SparseLinearClassifier(data.num_features, args.teacher_width, data.num_labels).to(args.device)
         finish(train_model("teacher", teacher, data, args, log, epochs=args.teacher_epochs), teacher)
         save_checkpoint(teacher, out / "teacher.pt", dataset=spec.name, seed=args.seed)
@@ -478,7 +491,7 @@ def main(spec: DatasetSpec, argv: list[str] | None = None) -> dict[str, Any]:
         if name not in args.models:
             continue
         log(f"[{i}/4] {MODEL_TITLES[name].lower()} (width {args.student_width}), {args.student_epochs} epochs")
-        torch.manual_seed(args.seed + i)
+        seed_model(args.seed, name)
         student = SparseLinearClassifier(data.num_features, args.student_width, data.num_labels).to(args.device)
         use_teacher = teacher if name != "student" and args.teacher_signal == "on-the-fly" else None
         use_store = store if name != "student" and args.teacher_signal == "topk" else None

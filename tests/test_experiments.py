@@ -59,3 +59,32 @@ def test_kd_targets_tiny(tmp_path):
     # the hard-label target learns: far above the most-popular-labels baseline of the tiny set (P@1 ~ 0.04)
     assert results["results"]["uniform_pos"]["metrics"]["P@1"] > 0.15
     assert "| kd |" in (out / "report.md").read_text()
+
+
+def test_teacher_init_depends_only_on_the_seed(tmp_path):
+    """The teacher starts from the same weights whichever models the run trains (the run's time
+    estimate builds and steps a model of each width first), so a teacher trained alone matches
+    the one of a full run; the students' and the batch orders' seeds never collide across seeds."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import xmc
+
+    def teacher_weights(models: str, run: str) -> dict:
+        out = tmp_path / run
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "experiments" / "amazon670k.py"), "--scale", "tiny", "--no-progress",
+             "--models", models, "--teacher-epochs", "0", "--student-epochs", "0",
+             "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
+            capture_output=True, text=True, timeout=600, check=False,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return torch.load(out / "teacher.pt", weights_only=False)["state_dict"]
+
+    alone = teacher_weights("teacher", "alone")
+    with_students = teacher_weights("teacher,student,student_kd", "with_students")
+    assert alone.keys() == with_students.keys()
+    for key in alone:
+        assert torch.equal(alone[key], with_students[key]), key
+    seeds = {xmc.model_seed(seed, name, stream) for seed in range(20) for name in xmc.MODELS for stream in (0, 1)}
+    assert len(seeds) == 20 * len(xmc.MODELS) * 2
