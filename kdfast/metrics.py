@@ -156,6 +156,9 @@ def psprecision_at_k(topk_indices, Y, inv_propensity, k: int) -> float:
 
 def evaluate(topk_indices, Y, inv_propensity=None, ks: Sequence[int] = (1, 3, 5)) -> dict[str, float]:
     """``{"P@k", "nDCG@k"[, "PSP@k"]}`` for each ``k`` in ``ks`` (PSP only with ``inv_propensity``)."""
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"ks must hold positive ints, got {k!r} in {tuple(ks)!r}")
     ks = tuple(int(k) for k in ks)
     if not ks:
         return {}

@@ -190,6 +190,9 @@ def test_bad_inputs():
         metrics.precision_at_k(TOP_HAND, Y_HAND.toarray(), 1)
     with pytest.raises(ValueError, match=r"shape \[L\]"):
         metrics.psprecision_at_k(TOP_HAND, Y_HAND, W_HAND[:5], 1)
+    for ks in [(-1, 3), (0,), (1.5, 3), (True,)]:  # every k is checked, not only the largest
+        with pytest.raises(ValueError, match="ks must hold positive ints"):
+            metrics.evaluate(TOP_HAND, Y_HAND, ks=ks)
     # a repeated "no prediction" (-1) is allowed
     assert metrics.precision_at_k(np.array([[-1, -1], [1, -1], [-1, -1]]), Y_HAND, 2) == pytest.approx(0.5 / 3)
 
