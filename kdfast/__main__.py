@@ -8,7 +8,8 @@ Subcommands:
 
   The checkpoint is a :class:`kdfast.models.SparseLinearClassifier` saved by
   :func:`kdfast.models.save_checkpoint`; the data a path read by :func:`kdfast.load_features`.
-  Run it again to resume; under ``torchrun`` the ranks share the shards.
+  Run it again to resume (``--batch-size`` can be left out: a store is resumed with its own); under
+  ``torchrun`` the ranks share the shards.
 
 Errors in the input (a missing file, a mismatched store, a bad ``--k``) end the command with
 exit status 1 and a one-line message on stderr; argparse's usage errors exit with status 2.
@@ -56,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--k", type=_positive_int, default=32, help="classes kept per row (default: 32)")
     label.add_argument("--temperature", type=float, default=1.0,
                        help="temperature of lse, entropy and covered mass (default: 1)")
-    label.add_argument("--batch-size", type=_positive_int, default=4096,
-                       help="rows per teacher_topk call (default: 4096); a store is resumed with its own")
+    label.add_argument("--batch-size", type=_positive_int, default=None,
+                       help="rows per teacher_topk call (default: the store's own when --out holds one to resume, "
+                            "else 4096); another value than the store's is refused")
     label.add_argument("--shard-rows", type=_positive_int, default=65536, help="rows per shard file (default: 65536)")
     label.add_argument("--device", default="cpu", help="device to label on (default: cpu)")
     label.add_argument("--overwrite", action="store_true",

@@ -22,8 +22,10 @@ The store (format ``kdfast.LabelStore/1``) is a directory holding
   ``shard_rows``, ``batch_size``, ``num_shards``, ``teacher_fingerprint`` (see
   :func:`teacher_fingerprint`), ``feature_fingerprint`` (shape, dtype and a sampled sha256,
   see ``_Features.fingerprint``), ``shards`` (``file``, ``start``, ``rows``, ``sha256`` of the
-  whole file), ``summary`` (``mean_covered``, ``p5_covered``, ``mean_entropy`` over all rows)
-  and ``shard_format``. It holds no time stamp, host or path: equal inputs give equal bytes.
+  whole file), ``summary`` (``mean_covered``, ``p5_covered``, ``mean_entropy`` over the rows whose
+  ``covered`` and ``entropy`` are finite, ``null`` when none are, and ``nonfinite_rows``, the number
+  of the others) and ``shard_format``. It is strict JSON (no ``NaN``/``Infinity``) and holds no time
+  stamp, host or path: equal inputs give equal bytes.
 
 While labeling runs, ``manifest.json`` says ``"complete": false`` and each finished shard has a
 ``shard-XXXXX.npy.sha256`` record beside it (``sha256sum`` format); rank 0 writes the final
@@ -42,7 +44,8 @@ class tiles are split among threads and their partial sums folded in tile order,
 count changes the last bits of ``lse``/``entropy``/``covered``), a fixed batch size (the tile size
 and the GEMM depend on it), the same device and the same BLAS. Rows are labelled in batches of
 ``batch_size`` starting at each shard's first row, whatever the rank count and whichever shards a
-resumed run redoes; ``batch_size`` is part of the manifest and a store is resumed with its own.
+resumed run redoes; ``batch_size`` is part of the manifest and a store is resumed with its own
+(``batch_size=None``, the default, takes it from the manifest; another value is refused).
 So a store is byte-identical across interruptions and rank counts when every process uses the
 same torch thread count (``torchrun`` sets ``OMP_NUM_THREADS=1`` in its workers unless it is set:
 set it yourself to compare against a single-process run).
@@ -71,7 +74,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import __version__, ops
-from .losses import _check_number, as_tensor
+from ._checks import check_int, check_real, check_tile_size, is_integral
+from .losses import as_tensor
 from .models import _hash_tensor, model_fingerprint, tensor_bytes
 from .targets import TOPK_TENSOR_FIELDS, TopK
 
@@ -101,9 +105,12 @@ def teacher_topk(
     Args:
         hidden: ``[B, d]`` teacher hidden states (float16, bfloat16, float32 or float64).
         weight: ``[V, d]`` teacher output weights, same dtype; ``bias``: ``[V]``.
-        k: entries kept per row, ``1 <= k <= V`` (and ``k <= 2048`` on CUDA).
-        temperature: the temperature of ``lse``, ``entropy`` and ``covered``.
-        tile_size: classes per tile (default: from ``B`` and a per-thread memory budget).
+        k: entries kept per row, an int (numpy integers too) with ``1 <= k <= V`` (and ``k <= 2048``
+            on CUDA).
+        temperature: the temperature of ``lse``, ``entropy`` and ``covered`` (any real number > 0,
+            numpy scalars included).
+        tile_size: classes per tile, an int ``>= 0``; ``None`` or 0: the default, from ``B`` and a
+            per-thread memory budget.
 
     Returns:
         A :class:`kdfast.TopK` with ``indices`` ``[B, k]`` int64 (descending logit; ties to the
@@ -115,9 +122,9 @@ def teacher_topk(
     hidden = as_tensor(hidden, "hidden").detach()
     weight = as_tensor(weight, "weight").detach()
     bias = None if bias is None else as_tensor(bias, "bias").detach()
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    temperature = _check_number("temperature", temperature)
+    k = check_int("k", k)
+    temperature = check_real("temperature", temperature)
+    tile = check_tile_size(tile_size)
     if not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor, got dtype {hidden.dtype}")
     if hidden.dim() != 2:
@@ -139,9 +146,6 @@ def teacher_topk(
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    tile = 0 if tile_size is None else int(tile_size)
-    if tile < 0:
-        raise ValueError(f"tile_size must be positive, got {tile_size}")
     with torch.no_grad():
         indices, logits, lse, entropy, covered = ops.teacher_topk(hidden, weight, bias, k, temperature, tile)
     return TopK(indices, logits, lse, entropy, covered, temperature)
@@ -157,6 +161,7 @@ _SHARD_RE = re.compile(r"^shard-(\d{5,})\.npy$")
 _SIDECAR_RE = re.compile(r"^shard-(\d{5,})\.npy\.sha256$")
 _TMP_RE = re.compile(r"^\.(manifest\.json|shard-\d{5,}\.npy(\.sha256)?)\.tmp-\d+$")
 _FINGERPRINT_SAMPLE_ROWS = 1024
+DEFAULT_BATCH_SIZE = 4096  # label_dataset's batch size for a store it does not resume
 _RELABEL_HINT = (
     "rerun kdfast.label_dataset(...) or `python -m kdfast label ... --out {out_dir}` with the same arguments: "
     "it relabels only the shards that are missing or fail verification"
@@ -273,8 +278,9 @@ class _Features:
         if self.kind == "dense":
             if isinstance(self.data, Tensor):
                 x = self.data[start:stop]
-            else:
-                x = torch.from_numpy(np.array(self.data[start:stop], copy=True))
+            else:  # in native byte order: torch reads no other (a big-endian .npy, say)
+                native = self.data.dtype.newbyteorder("=")
+                x = torch.from_numpy(np.array(self.data[start:stop], dtype=native, copy=True))
             if not x.is_floating_point():
                 x = x.float()
             return x.to(device)
@@ -282,7 +288,7 @@ class _Features:
         lo, hi = int(m.indptr[start]), int(m.indptr[stop])
         crow = torch.from_numpy(np.asarray(m.indptr[start : stop + 1], dtype=np.int64) - lo)
         col = torch.from_numpy(np.asarray(m.indices[lo:hi], dtype=np.int64))
-        val = torch.from_numpy(np.array(m.data[lo:hi], copy=True))
+        val = torch.from_numpy(np.array(m.data[lo:hi], dtype=m.data.dtype.newbyteorder("="), copy=True))
         if not val.is_floating_point():
             val = val.float()
         with warnings.catch_warnings():
@@ -392,8 +398,21 @@ def _atomic_write(path: str, data: bytes) -> None:
     _fsync_dir(directory)
 
 
+def _finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by ``None``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite_json(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(value) for value in obj]
+    return obj
+
+
 def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    """Strict JSON (no ``NaN``/``Infinity``: non-finite floats are written as ``null``), sorted keys,
+    2-space indent, a final newline."""
+    return (json.dumps(_finite_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
 def _sha256_file(path: str) -> str:
@@ -484,8 +503,22 @@ def _rebuild(desc: tuple[str, str], where: str) -> BaseException:
 # ---- label_dataset ----------------------------------------------------------------------------
 
 
+def _resolve_device(device: torch.device) -> torch.device:
+    """``device`` with the index a tensor moved there gets: ``cuda`` without an index is the current
+    CUDA device (``cuda:0`` unless ``torch.cuda.set_device`` said otherwise), as ``module.to("cuda")``
+    puts a module there. Without CUDA it stays as it is (and fails the kernel check)."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether tensors on ``a`` and on ``b`` are on the same device (``cuda`` is the current one)."""
+    return _resolve_device(a) == _resolve_device(b)
+
+
 def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_integral(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
@@ -537,11 +570,12 @@ def _remove(path: str) -> None:
 
 
 def _prepare(out_dir: str, config: dict[str, Any], overwrite: bool, shards: list[dict[str, Any]]) -> tuple[
-    list[int], dict[int, str], bool
+    list[int], dict[int, str], bool, int
 ]:
     """Rank 0, before any shard is written: check ``out_dir``, clean up after a killed run,
-    write the in-progress manifest. Returns (pending shard ids, sha256 of verified shards,
-    whether the manifest on disk is already final and unchanged)."""
+    write the in-progress manifest. ``config["batch_size"]`` ``None`` is the batch size of the store
+    in ``out_dir`` when it is resumed, else ``DEFAULT_BATCH_SIZE``. Returns (pending shard ids, sha256
+    of verified shards, whether the manifest on disk is already final and unchanged, the batch size)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise LabelStoreError(f"out_dir {out_dir!r} exists and is not a directory")
     os.makedirs(out_dir, exist_ok=True)
@@ -555,8 +589,13 @@ def _prepare(out_dir: str, config: dict[str, Any], overwrite: bool, shards: list
             "choose an empty or new directory"
         )
     old = None
+    own_batch_size = config["batch_size"] is None
     if MANIFEST in names:
         old = _read_manifest(out_dir)
+        if own_batch_size:  # resumed with the store's batch size
+            stored = old.get("batch_size")
+            stored = int(stored) if is_integral(stored) and stored >= 1 else DEFAULT_BATCH_SIZE
+            config = dict(config, batch_size=stored)
         diffs = _compare_config(old, config)
         if diffs:
             if not overwrite:
@@ -570,6 +609,8 @@ def _prepare(out_dir: str, config: dict[str, Any], overwrite: bool, shards: list
             f"out_dir {out_dir!r} holds label-store shards but no {MANIFEST}: pass overwrite=True "
             "(CLI: --overwrite) to relabel from scratch, or choose another out_dir"
         )
+    if own_batch_size and old is None:  # a fresh store
+        config = dict(config, batch_size=DEFAULT_BATCH_SIZE)
     for n in names:  # temporary files of a killed run (one labeling job per directory at a time)
         if _TMP_RE.match(n):
             _remove(os.path.join(out_dir, n))
@@ -599,7 +640,7 @@ def _prepare(out_dir: str, config: dict[str, Any], overwrite: bool, shards: list
     final_unchanged = old is not None and bool(old.get("complete")) and not pending
     if not final_unchanged:
         _atomic_write(os.path.join(out_dir, MANIFEST), _json_bytes(in_progress))
-    return pending, verified, final_unchanged
+    return pending, verified, final_unchanged, config["batch_size"]
 
 
 _SHARD_FORMAT_DOC = (
@@ -614,17 +655,23 @@ def _shard_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _summary_stats(out_dir: str, shards: list[dict[str, Any]]) -> dict[str, float]:
+def _summary_stats(out_dir: str, shards: list[dict[str, Any]]) -> dict[str, float | int | None]:
+    """The manifest's ``summary``: ``mean_covered``, ``p5_covered`` and ``mean_entropy`` over the rows
+    whose ``covered`` and ``entropy`` are finite (``None`` when no row's are), and ``nonfinite_rows``,
+    the number of the others (NaN features or teacher outputs, say)."""
     covered, entropy = [], []
     for s in shards:
         a = np.load(os.path.join(out_dir, s["file"]), mmap_mode="r", allow_pickle=False)
         covered.append(np.asarray(a["covered"], dtype=np.float64))
         entropy.append(np.asarray(a["entropy"], dtype=np.float64))
     c, e = np.concatenate(covered), np.concatenate(entropy)
+    finite = np.isfinite(c) & np.isfinite(e)
+    c, e = c[finite], e[finite]
     return {
-        "mean_covered": float(np.mean(c)),
-        "p5_covered": float(np.percentile(c, 5)),
-        "mean_entropy": float(np.mean(e)),
+        "mean_covered": float(np.mean(c)) if len(c) else None,
+        "p5_covered": float(np.percentile(c, 5)) if len(c) else None,
+        "mean_entropy": float(np.mean(e)) if len(e) else None,
+        "nonfinite_rows": int(len(finite) - len(c)),
     }
 
 
@@ -637,7 +684,7 @@ def label_dataset(
     bias: Tensor | None = None,
     k: int = 32,
     temperature: float = 1.0,
-    batch_size: int = 4096,
+    batch_size: int | None = None,
     shard_rows: int = 65536,
     device: torch.device | str | None = None,
     overwrite: bool = False,
@@ -659,9 +706,12 @@ def label_dataset(
         features: ``[N, D]``: a dense tensor or numpy array, a ``scipy.sparse`` matrix (CSR), or a
             path read by :func:`load_features` (``.npy`` dense, ``.npz`` from ``scipy.sparse.save_npz``).
         out_dir: the store directory: created if missing; must be empty, or hold a store of this run.
-        k, temperature: as in :func:`teacher_topk` (``1 <= k <= V``, ``temperature > 0``).
+        k, temperature: as in :func:`teacher_topk` (``1 <= k <= V``, ``temperature`` finite and > 0).
         batch_size: rows per :func:`teacher_topk` call. Part of the store's configuration: results are
             bit-identical only for equal batches, so a store is resumed with its own ``batch_size``.
+            ``None`` (the default): the batch size of the store in ``out_dir`` when it is resumed,
+            else 4096 (a new store, or one replaced with ``overwrite``); a value that differs from the
+            resumed store's is refused like any other change.
         shard_rows: rows per shard file (the last shard holds the rest).
         device: where labeling runs (default: ``weight``'s device).
         overwrite: replace a store in ``out_dir`` made with another teacher, features, ``k``,
@@ -682,13 +732,12 @@ def label_dataset(
     """
     t0 = time.perf_counter()
     out_dir = os.fspath(out_dir)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    k = int(k)
-    temperature = _check_number("temperature", temperature)
+    k = check_int("k", k)
+    temperature = check_real("temperature", temperature)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    batch_size = _check_positive_int("batch_size", batch_size)
+    if batch_size is not None:
+        batch_size = _check_positive_int("batch_size", batch_size)
     shard_rows = _check_positive_int("shard_rows", shard_rows)
     if encoder is not None and not callable(encoder):
         raise TypeError(f"encoder must be callable (an nn.Module or a function) or None, got {type(encoder).__name__}")
@@ -704,7 +753,7 @@ def label_dataset(
         raise ValueError(f"k must be in [1, V = {V}] (V = the teacher's number of classes), got {k}")
     if bias is not None and tuple(bias.shape) != (V,):
         raise ValueError(f"bias must have shape [V] = [{V}], got {tuple(bias.shape)}")
-    device = weight.device if device is None else torch.device(device)
+    device = _resolve_device(weight.device if device is None else torch.device(device))
     if device.type not in ("cpu", "meta") and not torch._C._dispatch_has_kernel_for_dispatch_key(
         "kdfast::teacher_topk", device.type.upper()
     ):
@@ -714,7 +763,7 @@ def label_dataset(
     module = _encoder_module(encoder)
     if module is not None:
         for p in itertools.chain(module.parameters(), module.buffers()):
-            if p.device != device:
+            if not _same_device(p.device, device):
                 raise ValueError(
                     f"the encoder's parameters are on {p.device} but labeling runs on {device}: "
                     f"move it with encoder.to({str(device)!r}) or pass device={str(p.device)!r}"
@@ -801,7 +850,8 @@ def label_dataset(
             raise err
         if status is not None:
             raise _rebuild(status, "rank 0")
-        pending, verified, final_unchanged = plan
+        pending, verified, final_unchanged, batch_size = plan
+        config["batch_size"] = batch_size
         mine = pending[rank::world]
         show = progress and rank == 0
         if show and verified:
@@ -869,10 +919,17 @@ def label_dataset(
     if progress and rank == 0:
         s = store.summary()
         rate = f", {labelled / seconds:,.0f} rows/s" if labelled else ""
+
+        def fmt(key: str) -> str:
+            value = s.get(key)
+            return "n/a" if value is None else f"{value:.4f}"
+
+        bad = s.get("nonfinite_rows") or 0
+        nonfinite = f"; {bad:,} row{'' if bad == 1 else 's'} with non-finite covered/entropy left out" if bad else ""
         print(
             f"kdfast label: {s['rows']:,} rows ({labelled:,} labelled now) in {seconds:.2f} s{rate}; "
-            f"covered mass: mean {s['mean_covered']:.4f}, "
-            f"5th percentile {s['p5_covered']:.4f}; mean entropy {s['mean_entropy']:.4f} nats -> {out_dir}"
+            f"covered mass: mean {fmt('mean_covered')}, 5th percentile {fmt('p5_covered')}; "
+            f"mean entropy {fmt('mean_entropy')} nats{nonfinite} -> {out_dir}"
         )
     return store
 
@@ -932,10 +989,11 @@ def _finish(
 class LabelStore:
     """Read a label store written by :func:`label_dataset`.
 
-    ``len(store)`` rows; ``store[rows]`` with an int, a slice, an array / list / tensor of row
-    indices (negative ones count from the end) or a boolean mask gives a :class:`kdfast.TopK` of
-    CPU tensors (``[n, k]`` / ``[n]``; an int drops the row dimension); :meth:`batches` iterates
-    ``(row_indices, TopK)``; ``store.manifest`` is the manifest (a copy).
+    ``len(store)`` rows; ``store[rows]`` with an int (or a 0-d integer tensor / array), a slice, a
+    1-D array / list / tensor of row indices (negative ones count from the end) or a boolean mask
+    gives a :class:`kdfast.TopK` of CPU tensors (``[n, k]`` / ``[n]``; an int drops the row
+    dimension); :meth:`batches` iterates ``(row_indices, TopK)``; ``store.manifest`` is the
+    manifest (a copy).
 
     ``verify="open"`` checks every shard's sha256 against the manifest now; ``verify="lazy"``
     checks a shard when it is first read. A shard that is missing or fails the check raises
@@ -1004,9 +1062,11 @@ class LabelStore:
         )
 
     def summary(self) -> dict[str, Any]:
-        """Rows, k, temperature, mean and 5th-percentile covered mass, mean entropy; and, for the
-        store returned by :func:`label_dataset`, that run's ``seconds``, ``rows_labelled`` and
-        ``rows_per_second`` (``None`` for a store opened later)."""
+        """Rows, k, temperature, mean and 5th-percentile covered mass, mean entropy (over the rows
+        whose covered mass and entropy are finite; ``None`` when none are) and ``nonfinite_rows``,
+        the number of the others (absent in stores of older versions); and, for the store returned
+        by :func:`label_dataset`, that run's ``seconds``, ``rows_labelled`` and ``rows_per_second``
+        (``None`` for a store opened later)."""
         out = {"rows": self._rows, "k": self.k, "temperature": self.temperature}
         out.update(self._manifest.get("summary") or {})
         run = self._run or {}
@@ -1049,15 +1109,17 @@ class LabelStore:
     # -- rows
     def _row_indices(self, rows: Any) -> tuple[np.ndarray, bool]:
         n = self._rows
-        if isinstance(rows, (int, np.integer)) and not isinstance(rows, (bool, np.bool_)):
+        if isinstance(rows, Tensor):
+            rows = rows.detach().cpu().numpy()
+        if isinstance(rows, np.ndarray) and rows.ndim == 0 and rows.dtype.kind in "iu":
+            rows = rows.item()  # a 0-d integer tensor / array is one row, like an int
+        if is_integral(rows):
             r = int(rows)
             if not -n <= r < n:
                 raise IndexError(f"row {r} out of range for a label store of {n} rows")
             return np.array([r % n], dtype=np.int64), True
         if isinstance(rows, slice):
             return np.arange(*rows.indices(n), dtype=np.int64), False
-        if isinstance(rows, Tensor):
-            rows = rows.detach().cpu().numpy()
         idx = np.asarray(rows)
         if idx.dtype == np.bool_:
             if idx.shape != (n,):

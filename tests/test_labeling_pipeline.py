@@ -18,12 +18,14 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from torch import nn
 from torch.testing import assert_close
 
 import kdfast
@@ -192,8 +194,16 @@ def test_row_access(tmp_path):
     mask[[3, 200]] = True
     assert torch.equal(store[mask].indices, full.indices[[3, 200]])
     assert store[[]].indices.shape == (0, K)
+    # a 0-d integer tensor / array is one row, like an int
+    for zero_d in (torch.tensor(250), np.array(250), np.array(250, dtype=np.uint16), torch.tensor(-230)):
+        got = store[zero_d]
+        assert got.indices.shape == (K,) and got.lse.shape == ()
+        for field in TOPK_TENSOR_FIELDS:
+            assert torch.equal(getattr(got, field), getattr(one, field))
     with pytest.raises(IndexError, match="480"):
         store[480]
+    with pytest.raises(IndexError, match="480"):
+        store[torch.tensor(480)]
     with pytest.raises(IndexError, match="out of range"):
         store[[0, -481]]
 
@@ -232,6 +242,35 @@ def test_hidden_states_without_encoder(tmp_path):
     # a plain callable encoder
     store_fn = label(lambda x: model.encode(x), W, make_csr(), tmp_path / "fn", bias=b)
     assert torch.equal(store_fn[:].indices, want.indices)
+
+
+def test_big_endian_features(tmp_path):
+    model = make_teacher()
+    with torch.no_grad():
+        hidden = model.encode(make_csr()).numpy()
+    W, b = model.output.weight.detach(), model.output.bias.detach()
+    with one_thread():
+        want = label(None, W, hidden, tmp_path / "native", bias=b)[:]
+        np.save(tmp_path / "h.npy", hidden.astype(">f4"))
+        for name, features in (("file", tmp_path / "h.npy"), ("array", hidden.astype(">f4"))):
+            got = label(None, W, features, tmp_path / name, bias=b)[:]
+            for field in TOPK_TENSOR_FIELDS:
+                assert torch.equal(getattr(got, field), getattr(want, field)), (name, field)
+    # big-endian input features through an encoder module
+    X = make_csr().toarray()
+    got = label_model(model, X.astype(">f4"), tmp_path / "encoded")
+    assert_store_matches(got, expected_topk(model, X))
+
+
+def test_numpy_scalar_arguments(tmp_path):
+    model = make_teacher()
+    X = make_csr()
+    with one_thread():
+        want = read_files(label_model(model, X, tmp_path / "python").out_dir)
+        store = label_model(model, X, tmp_path / "numpy", k=np.int64(K), temperature=np.float32(2.0),
+                            batch_size=np.int32(32), shard_rows=np.uint16(100))
+        assert read_files(store.out_dir) == want
+    assert store.manifest["temperature"] == 2.0 and type(store.temperature) is float
 
 
 def test_progress_and_summary_without_tqdm(tmp_path, monkeypatch, capsys):
@@ -385,6 +424,80 @@ def test_resume_after_simulated_crash_states(tmp_path, monkeypatch):
         assert read_files(out) == ref
 
 
+def test_resume_without_batch_size_uses_the_stores(tmp_path, monkeypatch):
+    model = make_teacher()
+    X = make_csr()
+    out = tmp_path / "s"
+    with one_thread():
+        ref = read_files(label_model(model, X, tmp_path / "ref", batch_size=64).out_dir)
+        label_model(model, X, out, batch_size=64)
+        (out / "shard-00001.npy").unlink()  # as if interrupted
+        counter = CountCalls(monkeypatch)
+        store = label_model(model, X, out, batch_size=None)  # the store's own: 64
+        assert counter.calls == PROBE + batches_in(100, 64)
+        assert store.manifest["batch_size"] == 64 and store.summary()["rows_labelled"] == 100
+        assert read_files(out) == ref
+        # an explicit batch size that disagrees with the store is still refused
+        with pytest.raises(ValueError, match="batch_size = 64, not 32.*overwrite=True"):
+            label_model(model, X, out, batch_size=32)
+        assert read_files(out) == ref
+        # not resuming: 4096 (a fresh store, or one replaced with overwrite=True)
+        assert label_model(model, X, tmp_path / "fresh", batch_size=None).manifest["batch_size"] == 4096
+        replaced = label_model(model, X, out, batch_size=None, k=K + 1, overwrite=True)
+        assert replaced.manifest["batch_size"] == 4096 and replaced.k == K + 1
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        label_model(model, X, tmp_path / "bad", batch_size=0)
+
+
+def test_cli_resume_without_batch_size(saved):
+    ref = reference_store(saved, saved.dir / "ref")  # --batch-size 32
+    out = saved.dir / "s"
+    args = saved.args(out)
+    i = args.index("--batch-size")
+    del args[i : i + 2]
+    with one_thread():
+        assert cli_main(saved.args(out)) == 0
+        (out / "shard-00002.npy").unlink()
+        assert cli_main(args) == 0  # resumed with the store's --batch-size 32
+    assert read_files(out) == ref
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nonfinite_rows_keep_the_summary_finite_and_the_manifest_strict_json(tmp_path, capsys):
+    torch.manual_seed(0)
+    hidden = torch.randn(200, 8)
+    hidden[17] = float("nan")  # one bad teacher row
+    W = torch.randn(30, 8)
+    store = label(None, W, hidden, tmp_path / "s", k=4, progress=True)
+    manifest = _strict_json((tmp_path / "s" / "manifest.json").read_text())
+    summary = manifest["summary"]
+    assert summary["nonfinite_rows"] == 1
+    for key in ("mean_covered", "p5_covered", "mean_entropy"):
+        assert isinstance(summary[key], float) and np.isfinite(summary[key]), key
+    good = torch.cat([hidden[:17], hidden[18:]]).double()
+    want = TopK(*reference.teacher_topk(good, W.double(), None, k=4, temperature=2.0))
+    assert summary["mean_covered"] == pytest.approx(want.covered.mean().item(), rel=1e-5)
+    assert summary["p5_covered"] == pytest.approx(np.percentile(want.covered.numpy(), 5), rel=1e-5)
+    assert summary["mean_entropy"] == pytest.approx(want.entropy.mean().item(), rel=1e-5)
+    s = store.summary()
+    assert s["nonfinite_rows"] == 1 and s["mean_covered"] == summary["mean_covered"]
+    assert "1 row with non-finite" in capsys.readouterr().out
+    LabelStore(tmp_path / "s").verify()
+    # every row non-finite: no statistics (null), still strict JSON
+    label(None, W, torch.full((5, 8), float("nan")), tmp_path / "all_nan", k=4)
+    summary = _strict_json((tmp_path / "all_nan" / "manifest.json").read_text())["summary"]
+    assert summary == {"mean_covered": None, "p5_covered": None, "mean_entropy": None, "nonfinite_rows": 5}
+    # the manifest writer maps any non-finite float to null and writes strict JSON
+    text = labeling._json_bytes({"a": [1.0, float("inf"), {"b": float("-inf"), "c": float("nan")}], "d": 2}).decode()
+    assert _strict_json(text) == {"a": [1.0, None, {"b": None, "c": None}], "d": 2}
+
+
 def test_corrupted_shard_is_detected_and_relabelled(tmp_path):
     model = make_teacher()
     X = make_csr()
@@ -510,8 +623,16 @@ def test_bad_input(tmp_path):
         label_model(model, X, out, k=V + 1)
     with pytest.raises(TypeError, match="k must be an int"):
         label_model(model, X, out, k=2.0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        label_model(model, X, out, k=np.bool_(True))
     with pytest.raises(ValueError, match="temperature"):
         label_model(model, X, out, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        label_model(model, X, out, temperature=np.float32("inf"))
+    with pytest.raises(TypeError, match="temperature must be a real number"):
+        label_model(model, X, out, temperature=torch.tensor(2.0))
+    with pytest.raises(TypeError, match="temperature must be a real number"):
+        label_model(model, X, out, temperature=True)
     with pytest.raises(ValueError, match="batch_size"):
         label_model(model, X, out, batch_size=0)
     with pytest.raises(ValueError, match="shard_rows"):
@@ -544,6 +665,49 @@ def test_bad_input(tmp_path):
     with pytest.raises(TypeError, match="encoder must be callable"):
         label("encode", W, X, out)
     assert not out.exists()  # no bad input touched the disk
+
+
+class ParametersOn(nn.Module):
+    """An encoder whose parameters claim to live on ``device``: device checks without a GPU."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.claimed = torch.device(device)
+
+    def parameters(self, recurse: bool = True):
+        yield types.SimpleNamespace(device=self.claimed)
+
+    def forward(self, x):
+        return x
+
+
+def test_cuda_device_without_index_is_the_current_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    same = labeling._same_device
+    assert same(torch.device("cuda:0"), torch.device("cuda")) and not same(torch.device("cuda:1"), torch.device("cuda"))
+    assert same(torch.device("cuda:1"), torch.device("cuda:1")) and not same(torch.device("cuda:0"), torch.device("cuda:1"))
+    assert same(torch.device("cpu"), torch.device("cpu")) and not same(torch.device("cpu"), torch.device("cuda"))
+    assert not same(torch.device("cuda:0"), torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert same(torch.device("cuda:1"), torch.device("cuda")) and not same(torch.device("cuda:0"), torch.device("cuda"))
+
+    # label_dataset with a build that has a CUDA kernel: an encoder on cuda:0 passes the device check
+    # for device="cuda" (the features, checked next, have no rows, so nothing runs on a GPU)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
+                        lambda op, key: key == "CUDA" or has_kernel(op, key))
+    no_rows = np.zeros((0, 3), np.float32)
+    out = tmp_path / "s"
+    for device in ("cuda", torch.device("cuda"), "cuda:0"):
+        with pytest.raises(ValueError, match="features have no rows"):
+            label(ParametersOn("cuda:0"), torch.zeros(5, 3), no_rows, out, k=2, device=device)
+    with pytest.raises(ValueError, match=r"encoder's parameters are on cuda:1 but labeling runs on cuda:0"):
+        label(ParametersOn("cuda:1"), torch.zeros(5, 3), no_rows, out, k=2, device="cuda")
+    with pytest.raises(ValueError, match=r"encoder's parameters are on cpu but labeling runs on cuda:0"):
+        label(ParametersOn("cpu"), torch.zeros(5, 3), no_rows, out, k=2, device="cuda")
+    assert not out.exists()
 
 
 def test_load_features_errors(tmp_path):

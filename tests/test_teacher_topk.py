@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -650,7 +651,20 @@ def _bad_cases():
         "hidden_int": ((h.long(), w.long(), b.long()), {"k": 2}, TypeError, r"hidden must be a floating-point"),
         "hidden_bool": ((h > 0, w, b), {"k": 2}, TypeError, r"hidden must be a floating-point"),
         "hidden_list": ((h.tolist(), w, b), {"k": 2}, TypeError, r"hidden must be a torch.Tensor"),
-        "tile_negative": ((h, w, b), {"k": 2, "tile_size": -4}, ValueError, r"tile_size must be positive"),
+        "tile_negative": ((h, w, b), {"k": 2, "tile_size": -4}, ValueError,
+                          r"tile_size must be an int >= 0 \(0: the default\), got -4"),
+        "tile_str": ((h, w, b), {"k": 2, "tile_size": "x"}, TypeError, r"tile_size must be an int >= 0 .*got 'x'"),
+        "tile_float": ((h, w, b), {"k": 2, "tile_size": 2.9}, TypeError, r"tile_size must be an int >= 0 .*got 2\.9"),
+        "tile_bool": ((h, w, b), {"k": 2, "tile_size": True}, TypeError, r"tile_size must be an int >= 0"),
+        "tile_numpy_negative": ((h, w, b), {"k": 2, "tile_size": np.int32(-1)}, ValueError,
+                                r"tile_size must be an int >= 0 .*got -1"),
+        "k_numpy_bool": ((h, w, b), {"k": np.bool_(True)}, TypeError, r"\bk must be an int"),
+        "k_numpy_float": ((h, w, b), {"k": np.float64(2.0)}, TypeError, r"\bk must be an int"),
+        "temperature_bool": ((h, w, b), {"k": 2, "temperature": True}, TypeError, r"temperature must be a real number"),
+        "temperature_tensor": ((h, w, b), {"k": 2, "temperature": torch.tensor(2.0)}, TypeError,
+                               r"temperature must be a real number"),
+        "temperature_numpy_zero": ((h, w, b), {"k": 2, "temperature": np.float32(0.0)}, ValueError,
+                                   r"temperature must be > 0"),
     }
 
 
@@ -659,6 +673,25 @@ def test_bad_input_raises_naming_the_argument(case):
     args, kwargs, exception, pattern = _bad_cases()[case]
     with pytest.raises(exception, match=pattern):
         kdfast.teacher_topk(*args, **kwargs)
+
+
+def test_numpy_and_other_integral_or_real_scalars_are_accepted():
+    """``k``/``tile_size`` take any integral number and ``temperature`` any real one (numpy scalars
+    included), with the same result as the Python int / float."""
+    h, w, b = _random(3, 4, 10, dtype=torch.float32, seed=22)
+    want = kdfast.teacher_topk(h, w, b, k=2, temperature=2.0, tile_size=3)
+    for kw in (
+        {"k": np.int64(2), "temperature": 2.0, "tile_size": 3},
+        {"k": 2, "temperature": np.float32(2.0), "tile_size": np.uint8(3)},
+        {"k": np.int32(2), "temperature": np.float64(2.0), "tile_size": np.int64(3)},
+        {"k": 2, "temperature": 2, "tile_size": 3},
+    ):
+        got = kdfast.teacher_topk(h, w, b, **kw)
+        _assert_equal_results(got, want)
+        assert type(got.temperature) is float and got.temperature == 2.0
+    # 0 and None both mean the default tile size
+    _assert_equal_results(kdfast.teacher_topk(h, w, b, k=2, tile_size=0), kdfast.teacher_topk(h, w, b, k=2))
+    _assert_equal_results(kdfast.teacher_topk(h, w, b, k=2, tile_size=np.int64(0)), kdfast.teacher_topk(h, w, b, k=2))
 
 
 @pytest.mark.parametrize(
