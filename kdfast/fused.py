@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .losses import _check_int_target, _check_loss_keywords, _check_number, as_tensor
+from ._checks import check_int, check_real, check_tile_size
+from .losses import _check_int_target, _check_loss_keywords, as_tensor
 from .targets import MultiTarget, TopK
 
 __all__ = ["FusedLinearDistillationLoss", "LinearTeacher", "default_filter_eps", "fused_linear_distillation_loss"]
@@ -123,6 +124,7 @@ def fused_linear_distillation_loss(
             negative_shift, label_smoothing, reduction,
         )
     )
+    ignore_index = check_int("ignore_index", ignore_index)
     h, W = student_hidden, student_weight
     if not h.is_floating_point():
         raise TypeError(f"student_hidden must be a floating-point tensor, got dtype {h.dtype}")
@@ -236,20 +238,19 @@ def fused_linear_distillation_loss(
     if teacher_logits is not None:
         teacher_logits = teacher_logits.detach()
 
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be a bool, got {type(exact).__name__} {exact!r}")
+    eps = default_filter_eps(h.dtype) if filter_eps is None else check_real("filter_eps", filter_eps, finite=True)
+    if not eps >= 0:
+        raise ValueError(f"filter_eps must be >= 0, got {eps}")
     if exact:
         eps = 0.0
-    else:
-        eps = default_filter_eps(h.dtype) if filter_eps is None else _check_number("filter_eps", filter_eps)
-        if not eps >= 0:
-            raise ValueError(f"filter_eps must be >= 0, got {eps}")
-    tile = 0 if tile_size is None else int(tile_size)
-    if tile < 0:
-        raise ValueError(f"tile_size must be positive, got {tile_size}")
+    tile = check_tile_size(tile_size)
 
     losses, _ = ops.fused_linear_loss_forward(
         h, W, student_bias, int_target, indptr, indices, teacher_logits, teacher_hidden, teacher_weight,
         teacher_bias, topk_indices, topk_logits, topk_lse, hard_weight, soft_weight, double_weight, temperature,
-        negative_weighting, negative_scale, negative_shift, label_smoothing, int(ignore_index), tile, eps,
+        negative_weighting, negative_scale, negative_shift, label_smoothing, ignore_index, tile, eps,
     )
     if reduction == "none":
         return losses
@@ -297,11 +298,16 @@ class FusedLinearDistillationLoss(nn.Module):
         teacher_kw: dict[str, Any] = {}
         if isinstance(teacher, TopK):
             teacher_kw["teacher_topk"] = teacher
-        elif isinstance(teacher, tuple):
+        elif isinstance(teacher, (tuple, list)):
             t = LinearTeacher(*teacher)
             teacher_kw.update(teacher_hidden=t.hidden, teacher_weight=t.weight, teacher_bias=t.bias)
-        elif teacher is not None:
+        elif isinstance(teacher, Tensor) or hasattr(teacher, "__dlpack__"):
             teacher_kw["teacher_logits"] = teacher
+        elif teacher is not None:
+            raise TypeError(
+                "teacher must be dense logits (a tensor), a kdfast.TopK, or a kdfast.LinearTeacher / "
+                f"(hidden, weight[, bias]) tuple, got {type(teacher).__name__}"
+            )
         return fused_linear_distillation_loss(
             student_hidden, student_weight, target, student_bias=student_bias, **teacher_kw, **self.keywords
         )

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from ._checks import check_int, check_real
 
 __all__ = ["DistillationLoss", "as_tensor", "distillation_loss"]
 
@@ -31,12 +32,6 @@ def as_tensor(x: Any, name: str) -> Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or a DLPack-capable array, got {type(x).__name__}")
 
 
-def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
 def _check_loss_keywords(
     hard_weight: float,
     soft_weight: float,
@@ -51,13 +46,13 @@ def _check_loss_keywords(
     """The loss keywords shared by every loss function; returns the numeric ones as floats
     ``(hard_weight, soft_weight, double_weight, temperature, negative_scale, negative_shift,
     label_smoothing)``."""
-    hard_weight = _check_number("hard_weight", hard_weight)
-    soft_weight = _check_number("soft_weight", soft_weight)
-    double_weight = _check_number("double_weight", double_weight)
-    temperature = _check_number("temperature", temperature)
-    negative_scale = _check_number("negative_scale", negative_scale)
-    negative_shift = _check_number("negative_shift", negative_shift)
-    label_smoothing = _check_number("label_smoothing", label_smoothing)
+    hard_weight = check_real("hard_weight", hard_weight, finite=True)
+    soft_weight = check_real("soft_weight", soft_weight, finite=True)
+    double_weight = check_real("double_weight", double_weight, finite=True)
+    temperature = check_real("temperature", temperature, finite=True)
+    negative_scale = check_real("negative_scale", negative_scale, finite=True)
+    negative_shift = check_real("negative_shift", negative_shift, finite=True)
+    label_smoothing = check_real("label_smoothing", label_smoothing, finite=True)
     for name, w in (("hard_weight", hard_weight), ("soft_weight", soft_weight), ("double_weight", double_weight)):
         if not w >= 0:  # also rejects NaN
             raise ValueError(f"{name} must be >= 0, got {w}")
@@ -194,13 +189,14 @@ def distillation_loss(
             negative_shift, label_smoothing, reduction,
         )
     )
+    ignore_index = check_int("ignore_index", ignore_index)
     _validate(student_logits, target, teacher_logits, hard_weight, soft_weight, double_weight)
     if teacher_logits is not None and soft_weight == 0 and double_weight == 0:
         teacher_logits = None  # not needed: skip reading it
     losses, _ = ops.distillation_loss_forward(
         student_logits, target, teacher_logits, hard_weight, soft_weight, double_weight,
         temperature, negative_weighting, negative_scale, negative_shift, label_smoothing,
-        int(ignore_index),
+        ignore_index,
     )
     return _reduce(losses, target, ignore_index, reduction)
 

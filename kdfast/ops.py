@@ -9,6 +9,8 @@ forward ops, whose backward is itself an op.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -188,6 +190,29 @@ torch.library.register_autograd(
 )
 
 
+# The backward ops are differentiable once: without an autograd formula of their own, a
+# backward(create_graph=True) would hand back gradients whose own gradient is silently zero.
+# This formula makes differentiating them again an error instead.
+
+
+def _no_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"kdfast.{op} has no second derivative: the gradients of kdfast's losses cannot be "
+            "differentiated again (backward(create_graph=True) followed by another backward through them)"
+        )
+
+    return backward
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+for _op in ("distillation_loss_backward", "fused_linear_loss_backward"):
+    torch.library.register_autograd(f"kdfast::{_op}", _no_double_backward(_op), setup_context=_no_context)
+
+
 # ---------------------------------------------------------------------------
 # teacher_topk: per-row top-k logits, LSE, entropy and covered mass; no autograd
 # (labels are data).
@@ -253,7 +278,8 @@ torch.library.register_autograd(
 #   g(z) = (rho/T)(sigmoid(z/T) - sigmoid(z_t/T)) + (1 - rho)(sigmoid(z) - y).
 # By the implicit function theorem, with g'(z) = (rho/T^2) sigmoid'(z/T) + (1 - rho) sigmoid'(z):
 #   dz/dz_t = (rho/T^2) sigmoid'(z_t/T) / g'(z),   dz/dy = (1 - rho) / g'(z)
-# (0 where g'(z) underflows, i.e. at an infinite root; 1 and 0 when rho = 1).
+# (0 at an infinite root; 1 and 0 when rho = 1). Both are formed from log sigmoid'
+# (sigmoid' itself is 0 in float64 beyond |x| ~ 745, and s (1 - s) beyond ~ 37).
 # ---------------------------------------------------------------------------
 
 
@@ -275,9 +301,9 @@ def _effective_student_logits_setup_context(ctx, inputs, output):
     ctx.soft_ratio, ctx.temperature = soft_ratio, temperature
 
 
-def _sigmoid_slope(x: Tensor) -> Tensor:
-    s = torch.sigmoid(x)
-    return s * (1 - s)
+def _log_sigmoid_slope(x: Tensor) -> Tensor:
+    """log sigmoid'(x) = -softplus(x) - softplus(-x), exact at any finite x."""
+    return -torch.nn.functional.softplus(x) - torch.nn.functional.softplus(-x)
 
 
 def _effective_student_logits_autograd(ctx, grad):
@@ -285,13 +311,22 @@ def _effective_student_logits_autograd(ctx, grad):
     rho, T = ctx.soft_ratio, ctx.temperature
     if rho == 1:
         return grad if ctx.needs_input_grad[0] else None, torch.zeros_like(grad) if ctx.needs_input_grad[1] else None, None, None
-    slope = rho / T**2 * _sigmoid_slope(z / T) + (1 - rho) * _sigmoid_slope(z)
-    safe_slope = torch.where(slope > 0, slope, 1)
+    # log g'(z); -inf at an infinite root (rho = 0 only leaves the second term)
+    terms = [math.log(1 - rho) + _log_sigmoid_slope(z)]
+    if rho > 0:
+        terms.append(math.log(rho / T**2) + _log_sigmoid_slope(z / T))
+    log_slope = torch.logaddexp(*terms) if len(terms) == 2 else terms[0]
+    finite = torch.isfinite(log_slope)
+    safe_log_slope = torch.where(finite, log_slope, 0)
     grad_teacher = grad_labels = None
     if ctx.needs_input_grad[0]:
-        grad_teacher = torch.where(slope > 0, grad * (rho / T**2) * _sigmoid_slope(teacher_logits / T) / safe_slope, 0)
+        if rho > 0:
+            ratio = torch.exp(math.log(rho / T**2) + _log_sigmoid_slope(teacher_logits / T) - safe_log_slope)
+            grad_teacher = torch.where(finite, grad * ratio, 0)
+        else:
+            grad_teacher = torch.zeros_like(grad)
     if ctx.needs_input_grad[1]:
-        grad_labels = torch.where(slope > 0, grad * (1 - rho) / safe_slope, 0)
+        grad_labels = torch.where(finite, grad * torch.exp(math.log(1 - rho) - safe_log_slope), 0)
     return grad_teacher, grad_labels, None, None
 
 

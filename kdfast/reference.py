@@ -170,26 +170,42 @@ def effective_student_logits(
     """Reference of :func:`kdfast.ops.effective_student_logits`: one
     ``scipy.optimize.brentq`` per element on
     ``(rho/T)(sigmoid(z/T) - sigmoid(z_t/T)) + (1 - rho)(sigmoid(z) - y)``,
-    bracketed by doubling; ``+-inf`` where the root is infinite."""
+    bracketed by doubling; ``+-inf`` where the root is infinite. g is computed in
+    ``decimal`` arithmetic (no underflow: where the label agrees with a large teacher logit
+    every term near the root is about e^(-|z_t|/T)) and handed to brentq as a float
+    after multiplying by e^(|z_t|/T) in that case."""
     import math
+    from decimal import Decimal, localcontext
 
     from scipy.optimize import brentq
-    from scipy.special import expit
 
     rho, T = float(soft_ratio), float(temperature)
 
     def solve(zt: float, y: float) -> float:
+        if math.isnan(zt) or math.isnan(y):
+            return math.nan
         if rho == 1:
             return zt
         if rho == 0:
             return math.inf if y >= 1 else -math.inf if y <= 0 else math.log(y / (1 - y))
-
-        def difference(a: float, b: float) -> float:  # expit(a) - expit(b), exact near 1 too
-            return expit(-b) - expit(-a) if a > 0 and b > 0 else expit(a) - expit(b)
+        if (y >= 1 and zt == math.inf) or (y <= 0 and zt == -math.inf):
+            return zt  # g keeps one sign at every finite z
+        agrees = (y >= 1 and zt > 0) or (y <= 0 and zt < 0)
 
         def g(z: float) -> float:
-            label_term = (1 - y) - expit(-z) if z > 0 else expit(z) - y
-            return rho / T * difference(z / T, zt / T) + (1 - rho) * label_term
+            with localcontext() as ctx:
+                ctx.prec = 40
+
+                def sig(x: float) -> Decimal:
+                    return 1 / (1 + (-Decimal(x)).exp())
+
+                def difference(a: float, b: float) -> Decimal:  # sigmoid(a) - sigmoid(b), exact near 1 too
+                    return sig(-b) - sig(-a) if a > 0 and b > 0 else sig(a) - sig(b)
+
+                label_term = (1 - Decimal(y)) - sig(-z) if z > 0 else sig(z) - Decimal(y)
+                value = Decimal(rho) / Decimal(T) * difference(z / T, zt / T) + (1 - Decimal(rho)) * label_term
+                scale = (Decimal(abs(zt)) / Decimal(T)).exp() if agrees else Decimal(1)
+                return float(value * scale)
 
         lo, hi = -1.0, 1.0
         while g(hi) < 0:

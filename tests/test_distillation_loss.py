@@ -456,6 +456,18 @@ def test_gradcheck(term, reduction, device):
     assert torch.autograd.gradcheck(lambda f: kdfast.distillation_loss(f, target, teacher, **kwargs), (x,))
 
 
+def test_second_derivative_is_an_error(device):
+    """The op is differentiable once: differentiating its gradient again raises (it used to give
+    a silent zero), and a create_graph=True backward still gives the right first gradient."""
+    student, target, teacher = _inputs(3, 5, seed=24, device=device)
+    x = student.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(kdfast.distillation_loss(x, target, teacher, **TERMS["combined"]), x, create_graph=True)
+    (expected,) = torch.autograd.grad(reference.distillation_loss(x, target, teacher, **TERMS["combined"]), x)
+    assert_close(g.detach(), expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="distillation_loss_backward has no second derivative"):
+        g.pow(2).sum().backward()
+
+
 def _op_args(
     student,
     target,
@@ -757,6 +769,14 @@ def _bad_cases():
         "target_on_meta": ((f, t.to("meta")), {}, ValueError, "target"),
         "teacher_on_meta": ((f, t, s.to("meta")), {"soft_weight": 1.0}, ValueError, "teacher_logits"),
         "weight_not_a_number": ((f, t), {"hard_weight": "1"}, TypeError, "hard_weight"),
+        "temperature_inf": ((f, t, s), {"soft_weight": 1.0, "temperature": math.inf}, ValueError, "temperature"),
+        "hard_weight_inf": ((f, t), {"hard_weight": math.inf}, ValueError, "hard_weight"),
+        "negative_shift_nan": (
+            (f, t, s), {"double_weight": 1.0, "negative_shift": math.nan}, ValueError, "negative_shift",
+        ),
+        # a float ignore_index was truncated for the kernel but not for the mean's denominator
+        "ignore_index_float": ((f, t), {"ignore_index": 1.5}, TypeError, "ignore_index"),
+        "ignore_index_string": ((f, t), {"ignore_index": "x"}, TypeError, "ignore_index"),
     }
 
 

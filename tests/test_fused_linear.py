@@ -20,6 +20,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -692,6 +693,21 @@ def test_gradcheck(form, target_kind, weighting, fdevice):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def test_second_derivative_is_an_error(fdevice):
+    """The op is differentiable once: differentiating its gradients again raises (it used to
+    give a silent zero), and a create_graph=True backward still gives the right first gradients."""
+    p = _problem(3, 2, 11, seed=23, form="linear", target_kind="int", device=fdevice)
+    kwargs = dict(TERMS["combined"], tile_size=4, exact=True)
+    h, W, b = _leaf(p.hidden), _leaf(p.weight), _leaf(p.bias)
+    loss = kdfast.fused_linear_distillation_loss(h, W, p.target, student_bias=b, **p.teacher_kwargs(), **kwargs)
+    gh, gw = torch.autograd.grad(loss, (h, W), create_graph=True)
+    _, expected = _run_dense(reference.distillation_loss, p, dict(TERMS["combined"]), dtype=torch.float64)
+    assert_close(gh.detach(), expected[0], **_tols(torch.float64)[1])
+    assert_close(gw.detach(), expected[1], **_tols(torch.float64)[1])
+    with pytest.raises(RuntimeError, match="fused_linear_loss_backward has no second derivative"):
+        (gh.pow(2).sum() + gw.sum()).backward()
+
+
 # ----------------------------------------------------------------------------- opcheck
 
 
@@ -783,7 +799,8 @@ def test_backward_rejects_inputs_on_another_device(moved):
 @pytest.mark.parametrize("case", ["dense_int_bias", "linear_multi"])
 def test_opcheck_backward(case, fdevice):
     p, kwargs, tile = _opcheck_problems(fdevice)[case]
-    # the backward op has no autograd of its own: its inputs do not require grad
+    # the backward op's own autograd only raises (no second derivative): inputs that do not
+    # require grad, so that opcheck's autograd tests do not differentiate it
     p = Problem(
         p.hidden.detach(), p.weight.detach(), None if p.bias is None else p.bias.detach(), p.target, p.form, p.teacher
     )
@@ -1175,6 +1192,19 @@ def _bad_cases():
         "teacher_logits_dtype": ((h, W, t), dict(soft, teacher_logits=s.float()), TypeError, "teacher_logits"),
         "filter_eps_negative": ((h, W, t), {"filter_eps": -1.0}, ValueError, "filter_eps"),
         "tile_size_negative": ((h, W, t), {"tile_size": -4}, ValueError, "tile_size"),
+        "tile_size_float": ((h, W, t), {"tile_size": 2.9}, TypeError, "tile_size"),
+        "tile_size_string": ((h, W, t), {"tile_size": "4"}, TypeError, "tile_size"),
+        "filter_eps_inf": ((h, W, t), {"filter_eps": float("inf")}, ValueError, "filter_eps"),
+        "filter_eps_negative_exact": ((h, W, t), {"filter_eps": -1.0, "exact": True}, ValueError, "filter_eps"),
+        "exact_not_bool": ((h, W, t), {"exact": "no"}, TypeError, "exact"),
+        "ignore_index_float": ((h, W, t), {"ignore_index": 1.5}, TypeError, "ignore_index"),
+        "ignore_index_none": ((h, W, t), {"ignore_index": None}, TypeError, "ignore_index"),
+        "temperature_inf": ((h, W, t), dict(soft, temperature=float("inf"), teacher_logits=s), ValueError, "temperature"),
+        "hard_weight_inf": ((h, W, t), {"hard_weight": float("inf")}, ValueError, "hard_weight"),
+        "negative_shift_nan": (
+            (h, W, t), {"double_weight": 1.0, "negative_shift": float("nan"), "teacher_logits": s}, ValueError,
+            "negative_shift",
+        ),
         # --- the student's linear layer
         "d_mismatch": ((h, W[:, :2], t), {}, ValueError, r"student_weight has d = 2 but student_hidden has d = 3"),
         "weight_dtype": ((h, W.float(), t), {}, TypeError, "student_weight"),
@@ -1325,6 +1355,27 @@ def test_bad_input_raises_naming_the_argument(case):
     args, kwargs, exception, pattern = _bad_cases()[case]
     with pytest.raises(exception, match=pattern):
         kdfast.fused_linear_distillation_loss(*args, **kwargs)
+
+
+def test_module_rejects_a_teacher_of_no_known_form():
+    p = _problem(4, 3, 6, seed=33, form="linear", d_t=5)
+    module = kdfast.FusedLinearDistillationLoss(hard_weight=0.0, soft_weight=1.0)
+    with pytest.raises(TypeError, match="teacher must be"):
+        module(p.weight, p.hidden, teacher={"hidden": p.teacher[0]})
+    # a list is taken as the (hidden, weight[, bias]) tuple
+    expected = module(p.weight, p.hidden, teacher=tuple(p.teacher))
+    assert torch.equal(module(p.weight, p.hidden, teacher=list(p.teacher)), expected)
+
+
+def test_numpy_scalar_keywords_are_accepted():
+    """numpy scalars (as a config file or an array lookup gives) are numbers like any other."""
+    p = _problem(4, 3, 6, seed=34, form="dense")
+    kwargs = {"hard_weight": 0.5, "soft_weight": 0.5, "temperature": 2.0, "ignore_index": -100, "tile_size": 4}
+    expected = kdfast.fused_linear_distillation_loss(p.hidden, p.weight, p.target, teacher_logits=p.teacher, **kwargs)
+    np_kwargs = {"hard_weight": np.float32(0.5), "soft_weight": np.float64(0.5), "temperature": np.float32(2.0),
+                     "ignore_index": np.int64(-100), "tile_size": np.int32(4)}
+    got = kdfast.fused_linear_distillation_loss(p.hidden, p.weight, p.target, teacher_logits=p.teacher, **np_kwargs)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,9 @@ F64 = torch.float64
 # --------------------------------------------------------------------------- the op against kdfast.reference (brentq)
 
 
-TEACHER_LOGITS = [-50.0, -20.0, -7.5, -2.0, -0.3, -1e-3, 0.0, 1e-3, 0.3, 2.0, 7.5, 20.0, 50.0]
+# past |z_t| ~ 745 the terms of g near a root agreeing with the label underflow float64 unless scaled
+TEACHER_LOGITS = [-math.inf, -2000.0, -800.0, -50.0, -20.0, -7.5, -2.0, -0.3, -1e-3, 0.0, 1e-3, 0.3, 2.0, 7.5,
+                  20.0, 50.0, 760.0, 2000.0, math.inf]
 RHOS = [0.0, 1e-3, 0.05, 0.3, 0.5, 0.7, 0.95, 0.999, 1.0]
 
 
@@ -48,6 +50,26 @@ def test_effective_logits_match_brentq(rho, T):
         assert torch.equal(torch.isinf(got), inf), (name, got, want)
         assert torch.equal(got[inf], want[inf]), name
         torch.testing.assert_close(got[~inf], want[~inf], rtol=1e-10, atol=1e-10, msg=f"{name} rho={rho} T={T}")
+
+
+@pytest.mark.parametrize("rho", [1e-3, 0.3, 0.5, 0.999])
+def test_effective_logits_closed_form_at_temperature_1(rho):
+    """At T = 1 and y = 1 the root solves sigmoid(-z) = rho sigmoid(-z_t): z = log(1 - q) - log q with
+    log q = log rho - softplus(z_t), exact at any teacher logit (z_t - log rho in the tail), and so is
+    its derivative; the op and its gradient must follow it out to |z_t| = 2000."""
+    zt = torch.tensor([-2000.0, -800.0, -30.0, 0.0, 30.0, 700.0, 760.0, 800.0, 2000.0], dtype=F64, requires_grad=True)
+    log_q = math.log(rho) - torch.nn.functional.softplus(zt)
+    want = torch.log1p(-log_q.exp()) - log_q
+    got = effective_student_logits(zt, torch.ones_like(zt), soft_ratio=rho, temperature=1.0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-10)
+    (want_grad,) = torch.autograd.grad(want.sum(), zt)
+    (got_grad,) = torch.autograd.grad(got.sum(), zt)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+    # and at an infinite teacher agreeing with the label, an infinite root with zero gradient
+    inf = torch.tensor([math.inf, -math.inf], dtype=F64, requires_grad=True)
+    z = effective_student_logits(inf, torch.tensor([1.0, 0.0], dtype=F64), soft_ratio=rho, temperature=1.0)
+    assert z.tolist() == [math.inf, -math.inf]
+    assert torch.autograd.grad(z.sum(), inf)[0].tolist() == [0.0, 0.0]
 
 
 def test_effective_logits_shapes_dtypes_and_label_casts():

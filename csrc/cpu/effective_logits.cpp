@@ -6,7 +6,12 @@
 //   g(z) = (rho / T) (sigmoid(z / T) - sigmoid(z_t / T)) + (1 - rho) (sigmoid(z) - y).
 // g is increasing in z, so each element is solved by Newton's method kept
 // inside a bracket [lo, hi] with g(lo) < 0 < g(hi), bisecting whenever a Newton
-// step would leave it. Everything is computed in float64.
+// step would leave it. Everything is computed in float64, and g is evaluated
+// times a constant e^scale: where the label agrees with a large teacher logit
+// (y = 1, z_t >> 0, or y = 0, z_t << 0) every term of g near the root is of
+// order e^(-|z_t|/T) or smaller and would underflow past |z_t| ~ 745 (the
+// root then read as wherever g first underflows to 0); scale = |z_t| / T keeps
+// them near 1. The terms are made as e^(scale - softplus(.)).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -20,30 +25,44 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-inline double sigmoid(double x) { return x >= 0 ? 1.0 / (1.0 + std::exp(-x)) : std::exp(x) / (1.0 + std::exp(x)); }
+inline double softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::abs(x))); }
 
-// sigmoid(a) - sigmoid(b) without cancellation when both are near 1.
-inline double sigmoid_difference(double a, double b) {
-  return (a > 0 && b > 0) ? sigmoid(-b) - sigmoid(-a) : sigmoid(a) - sigmoid(b);
-}
-
-// sigmoid(z) - y without cancellation when y is near 1 and z large.
-inline double sigmoid_minus(double z, double y) { return z > 0 ? (1.0 - y) - sigmoid(-z) : sigmoid(z) - y; }
+// e^scale sigmoid(x) = e^(scale - softplus(-x)), and c e^scale with c = 0 kept 0
+// (not 0 * inf).
+inline double scaled_sigmoid(double x, double scale) { return std::exp(scale - softplus(-x)); }
+inline double scaled(double c, double scale) { return c == 0 ? 0.0 : c * std::exp(scale); }
 
 struct Equation {
   double rho, temperature, teacher, label;
+  double scale = 0;  // g is evaluated times e^scale
 
+  // e^scale (sigmoid(a) - sigmoid(b)), without cancellation when both are near 1;
+  // where both scaled terms overflow (inf - inf), +-inf by the sign of a - b.
+  double sigmoid_difference(double a, double b) const {
+    const double d = (a > 0 && b > 0) ? scaled_sigmoid(-b, scale) - scaled_sigmoid(-a, scale)
+                                      : scaled_sigmoid(a, scale) - scaled_sigmoid(b, scale);
+    return std::isnan(d) ? (a < b ? -kInf : kInf) : d;
+  }
+  // e^scale (sigmoid(z) - y), without cancellation when y is near 1 and z large;
+  // inf - inf as above, by the sign of the unscaled difference.
+  double sigmoid_minus(double z, double y) const {
+    const double d =
+        z > 0 ? scaled(1.0 - y, scale) - scaled_sigmoid(-z, scale) : scaled_sigmoid(z, scale) - scaled(y, scale);
+    return std::isnan(d) ? (scaled_sigmoid(z, 0.0) < y ? -kInf : kInf) : d;
+  }
   double value(double z) const {
     return rho / temperature * sigmoid_difference(z / temperature, teacher / temperature) +
            (1.0 - rho) * sigmoid_minus(z, label);
   }
+  // e^scale g'(z); sigmoid'(x) = e^(-softplus(x) - softplus(-x))
   double slope(double z) const {
-    const double s = sigmoid(z / temperature), h = sigmoid(z);
-    return rho / (temperature * temperature) * s * (1.0 - s) + (1.0 - rho) * h * (1.0 - h);
+    const double a = z / temperature;
+    return rho / (temperature * temperature) * std::exp(scale - softplus(a) - softplus(-a)) +
+           (1.0 - rho) * std::exp(scale - softplus(z) - softplus(-z));
   }
 };
 
-double solve(const Equation& eq) {
+double solve(Equation eq) {
   if (std::isnan(eq.teacher) || std::isnan(eq.label)) return std::numeric_limits<double>::quiet_NaN();
   if (eq.rho == 1.0) return eq.teacher;  // sigmoid(z/T) = sigmoid(z_t/T)
   if (eq.rho == 0.0) {                   // sigmoid(z) = y
@@ -51,8 +70,14 @@ double solve(const Equation& eq) {
     if (eq.label >= 1.0) return kInf;
     return std::log(eq.label) - std::log1p(-eq.label);
   }
-  // Bracket the root by doubling outwards; g(+-inf) may be 0 only at an
-  // infinite teacher logit agreeing with the label, where the root is infinite.
+  // an infinite teacher logit agreeing with the label: g < 0 (> 0) at every finite z
+  if (eq.label >= 1.0 && eq.teacher == kInf) return kInf;
+  if (eq.label <= 0.0 && eq.teacher == -kInf) return -kInf;
+  if ((eq.label >= 1.0 && eq.teacher > 0) || (eq.label <= 0.0 && eq.teacher < 0)) {
+    eq.scale = std::abs(eq.teacher) / eq.temperature;
+  }
+  // Bracket the root by doubling outwards (g scaled: an underflow no longer
+  // stops the bracket short of the root).
   double lo = -1.0, hi = 1.0;
   while (eq.value(hi) < 0) {
     lo = hi;
@@ -65,13 +90,20 @@ double solve(const Equation& eq) {
     if (!std::isfinite(lo)) return -kInf;
   }
   double z = std::isfinite(eq.teacher) && eq.teacher > lo && eq.teacher < hi ? eq.teacher : 0.5 * (lo + hi);
+  // Bracket widths one and two steps back: Newton on g's exponential tails moves
+  // about 1 per step, so a step bisects unless the bracket halved in the last two.
+  double width_1 = kInf, width_2 = kInf;
   for (int iteration = 0; iteration < 400; ++iteration) {
     const double gz = eq.value(z);
     if (gz == 0) return z;
     (gz < 0 ? lo : hi) = z;
     const double slope = eq.slope(z);
-    double next = slope > 0 ? z - gz / slope : lo;
+    // Newton only where both are finite (far from the root the scaled g overflows)
+    const bool newton = slope > 0 && std::isfinite(slope) && std::isfinite(gz) && hi - lo <= 0.5 * width_2;
+    double next = newton ? z - gz / slope : lo;
     if (!(next > lo && next < hi)) next = 0.5 * (lo + hi);
+    width_2 = width_1;
+    width_1 = hi - lo;
     if (std::abs(next - z) <= 1e-15 * std::max(1.0, std::abs(next)) || next == lo || next == hi) return next;
     z = next;
   }
