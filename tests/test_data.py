@@ -83,10 +83,26 @@ def test_reader_empty_and_blank_trailing_lines(tmp_path):
 # (file content, expected line, message regex, token) for malformed files
 BAD_FILES = {
     "bad_label": ("2 6 4\n0,1 1:0.5\na,1 2:1\n", 3, "expected a label id", "a,1"),
-    "empty_label": ("2 6 4\n0, 1:0.5\n1 2:1\n", 2, "expected a label id", ""),
+    "empty_label": ("2 6 4\n0, 1:0.5\n1 2:1\n", 2, "expected a label id", "0,"),
+    "empty_label_between": ("2 6 4\n1,,2 1:0.5\n1 2:1\n", 2, "expected a label id", "1,,2"),
+    "trailing_comma": ("2 6 4\n1,2, 0:1\n1 2:1\n", 2, "expected a label id", "1,2,"),
+    "empty_value": ("2 6 4\n1 0: 1:1\n1 2:1\n", 2, "expected a feature value", "0:"),
+    "value_nan": ("2 6 4\n1 0:nan\n1 2:1\n", 2, "must be finite", "0:nan"),
+    "value_inf": ("2 6 4\n1 0:1 2:-inf\n1 2:1\n", 2, "must be finite", "2:-inf"),
+    "value_above_float32": ("2 6 4\n1 0:1e50\n1 2:1\n", 2, "out of the float32 range", "0:1e50"),
+    "value_above_float64": ("2 6 4\n1 0:1e999\n1 2:1\n", 2, "out of the float range", "0:1e999"),
+    "label_above_int64": ("2 6 4\n99999999999999999999 0:1\n1 2:1\n", 2, "out of the int64 range",
+                          "99999999999999999999"),
+    # a "\r" that is not part of "\r\n" used to end the line there, dropping the rest of it
+    "carriage_return_in_features": ("2 6 4\n1 0:1\r 2:5\n1 2:1\n", 2, r"carriage return inside the line \(",
+                                    ""),
+    "carriage_return_after_labels": ("2 6 4\n1\r 2:5\n1 2:1\n", 2, "carriage return inside the line", ""),
+    "carriage_return_in_header": ("2 6 4\r 9\n1 2:5\n1 2:1\n", 1, "the header must be 'N D L'", ""),
+    # an empty line is a point (no labels, no features): one before the last point is one too many here
+    "empty_line_inside": ("2 6 4\n1 2:1\n\n0 1:1\n", 4, "more points than the header's N = 2", "0"),
     "label_separator": ("2 6 4\n0;1 1:0.5\n1 2:1\n", 2, "expected ',' or ' ' after a label", ";1"),
     "feature_without_colon": ("2 6 4\n0 1:0.5\n1 2-1.0\n", 3, "expected 'id:value'", "2-1.0"),
-    "feature_bad_value": ("2 6 4\n0 1:0.5 3:abc\n1 2:1\n", 2, "expected a feature value", "abc"),
+    "feature_bad_value": ("2 6 4\n0 1:0.5 3:abc\n1 2:1\n", 2, "expected a feature value", "3:abc"),
     "feature_bad_id": ("2 6 4\n0 x:0.5\n1 2:1\n", 2, "expected a feature 'id:value'", "x:0.5"),
     "feature_junk_after_value": ("2 6 4\n0 1:0.5x\n1 2:1\n", 2, "expected 'id:value'", "1:0.5x"),
     "feature_id_too_large": ("2 6 4\n0 1:0.5\n1 6:1\n", 3, re.escape("feature 6 outside [0, D = 6)"), "6:1"),
@@ -110,6 +126,29 @@ def test_reader_errors_name_file_line_and_token(tmp_path, case):
     assert re.search(message, error), error
     if token:
         assert f"(token '{token}')" in error, error
+    else:  # no token there: the error says what is there instead
+        assert re.search(r"\((at the end of the (line|file)|at a blank|a carriage return inside the line)\)$", error), error
+
+
+def test_reader_blank_lines_after_the_points_and_tiny_values(tmp_path):
+    """Blank lines (spaces, tabs, CRLF) may follow the last point; an empty line before it is a
+    point with neither labels nor features; a value below float32's range reads as 0."""
+    X, Y = kd.read_xmlrepo(_write(tmp_path, "1 3 2\n1 0:1\n \n\t\n", newline="\r\n"))
+    np.testing.assert_array_equal(X.toarray(), [[1, 0, 0]])
+    X, Y = kd.read_xmlrepo(_write(tmp_path, "3 3 2\n1 0:1\n\n0 2:1e-50 1:2\n"))
+    np.testing.assert_array_equal(X.toarray(), [[1, 0, 0], [0, 0, 0], [0, 2, 0]])
+    np.testing.assert_array_equal(Y.toarray(), [[0, 1], [0, 0], [1, 0]])
+
+
+def test_reader_header_claiming_more_points_than_the_file_holds(tmp_path):
+    path = _write(tmp_path, "4000000000000 3 2\n0 0:1\n")  # used to reserve memory for all of them
+    with pytest.raises(ValueError, match=re.escape(f"{path}: the header says N = 4000000000000 points but the file has 1")):
+        kd.read_xmlrepo(path)
+
+
+def test_reader_directory(tmp_path):
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: is a directory, not a file")):
+        kd.read_xmlrepo(tmp_path)
 
 
 def test_reader_fewer_points_than_header(tmp_path):
