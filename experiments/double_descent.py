@@ -650,7 +650,9 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     ox = torch.randint(0, 9, (b,), generator=generator)
     rows = (oy[:, None] + torch.arange(h))[:, :, None]
     cols = (ox[:, None] + torch.arange(w))[:, None, :]
-    out = padded.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows, cols].permute(0, 3, 1, 2)
+    # contiguous (NCHW): the permuted crops are channels-last, and torch 2.13's oneDNN weight
+    # gradient of such narrow convolutions corrupted the heap on an AVX2-only CPU (a CI abort)
+    out = padded.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows, cols].permute(0, 3, 1, 2).contiguous()
     flip = torch.rand(b, generator=generator) < 0.5
     out[flip] = out[flip].flip(3)
     return out
