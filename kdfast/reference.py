@@ -35,8 +35,9 @@ __all__ = [
 
 
 def _weighted_dot(q: Tensor, x: Tensor) -> Tensor:
-    """Row-wise ``sum_j q_j * x_j`` with ``0 * anything = 0``."""
-    return torch.where(q > 0, q * x, torch.zeros_like(x)).sum(-1)
+    """Row-wise ``sum_j q_j * x_j`` with ``0 * anything = 0`` (a NaN ``q_j``, as a softmax of a row
+    of -inf or +inf logits gives, stays NaN, as in the kernels)."""
+    return torch.where(q == 0, torch.zeros_like(x), q * x).sum(-1)
 
 
 def hard_loss(student_logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:

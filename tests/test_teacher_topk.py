@@ -387,6 +387,20 @@ def test_masked_classes_minus_inf_bias(tdevice):
         _check_covered_range(res)
 
 
+def test_row_of_minus_inf_logits_agrees_with_the_reference(tdevice):
+    """A row whose logits are all -inf has no softmax: lse -inf, NaN entropy and covered, in the
+    op and in the reference (which used to read its NaN probabilities as 0: entropy -0.0)."""
+    h, w, b = _random(3, 4, 9, dtype=torch.float64, seed=10, device=tdevice)
+    w[:, 0] = -w[:, 0].abs() - 0.1  # every class's first weight < 0 ...
+    h[1, 0] = math.inf  # ... so row 1's logits are all -inf; rows 0 and 2 stay finite
+    res = _run(h, w, b, 3, 1.0, 4)
+    _, _, r_lse, r_ent, r_cov = reference.teacher_topk(h, w, b, k=3, temperature=1.0)
+    assert r_lse[1] == -math.inf and r_ent[1].isnan() and r_cov[1].isnan()
+    assert_close(res.lse, r_lse)
+    assert_close(res.entropy, r_ent, equal_nan=True)
+    assert_close(res.covered, r_cov, equal_nan=True)
+
+
 # ----------------------------------------------------------------------------- low precision
 
 
