@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_losses.py
 	$(PY) benchmarks/bench_fused_linear.py
 	$(PY) benchmarks/bench_labeling.py
+	$(PY) benchmarks/bench_reader.py
 
 # Compile-check every CUDA kernel file with plain nvcc (no GPU, no torch headers needed),
 # then syntax-check the torch glue (csrc/cuda_ops.cpp) against this torch's headers and the
