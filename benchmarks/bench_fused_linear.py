@@ -1527,7 +1527,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_fused_linear: B={args.batch} d_s={args.dim} V={args.classes:,} d_t={args.teacher_dim} float32 "
           f"on {meta['device']}; torch {meta['torch']}, kdfast {meta['kdfast']}, commit {meta['commit']}")
     print(f"cases: {', '.join(args.case_list)}; impls: {', '.join(args.impl_list)}; "
-          f"{args.warmup} warm-up + {args.repeats} timed steps each ({args.slow_repeats} for eager in "
+          f"{args.warmup} warm-up + {args.repeats} timed steps each ({args.slow_repeats} for eager and compile in "
           f"{', '.join(c for c in args.case_list if c in SLOW_EAGER) or 'no case'}), one fresh process per (case, impl)")
     load_start = common.announce_load()
     sgemm = {"start": measure_sgemm(args, "start"), "end": None}
