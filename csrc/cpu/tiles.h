@@ -11,13 +11,13 @@
 namespace kdfast::cpu {
 
 // Class tile size: the per-thread [B, tile] buffers (student and teacher logits,
-// gradient) in about 4 MiB, a multiple of 64 between 64 and 8192.
-inline int64_t choose_tile(int64_t requested, int64_t B, int64_t V) {
+// gradient) in about 4 MiB, a multiple of 64 between min_tile and 8192.
+inline int64_t choose_tile(int64_t requested, int64_t B, int64_t V, int64_t min_tile = 64) {
   int64_t tile = requested;
   if (tile <= 0) {
     const int64_t budget_bytes = int64_t(4) << 20;
     tile = budget_bytes / (std::max<int64_t>(B, 1) * 3 * 4);
-    tile = std::clamp<int64_t>(tile / 64 * 64, 64, 8192);
+    tile = std::clamp<int64_t>(tile / 64 * 64, min_tile, 8192);
   }
   return std::min(tile, V);
 }
