@@ -4,7 +4,8 @@ The schemas live in ``csrc/ops.cpp`` (one ``TORCH_LIBRARY(kdfast, m)`` block);
 the kernels in ``csrc/cpu/`` (and ``csrc/cuda/`` for a CUDA build). This module
 adds what torch needs to trace and differentiate them: a fake (meta) kernel
 per op for ``torch.compile`` / ``opcheck``, and ``register_autograd`` for the
-forward ops, whose backward is itself an op.
+forward ops, whose backward is itself an op (differentiable once: differentiating
+a backward op again raises).
 """
 
 from __future__ import annotations
