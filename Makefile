@@ -34,7 +34,8 @@ run: $(STAMP)
 test: $(STAMP) cuda-check
 	$(PY) -m pytest tests -q
 
-# every benchmark script in turn (about 15 minutes on 2 cores); each writes its rows and its
+# every benchmark script in turn (about 30 minutes on 2 cores: the fused benchmark alone takes
+# ~20 with its torch.compile baseline); each writes its rows and its
 # section of BENCHMARKS.md
 bench: $(STAMP)
 	$(PY) benchmarks/bench_losses.py
