@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from ._checks import check_int, check_real, check_tile_size
+from ._checks import check_real, check_tile_size
 from .losses import _check_int_target, _check_loss_keywords, as_tensor
 from .targets import MultiTarget, TopK
 
@@ -118,13 +118,11 @@ def fused_linear_distillation_loss(
     """
     student_hidden = as_tensor(student_hidden, "student_hidden")
     student_weight = as_tensor(student_weight, "student_weight")
-    hard_weight, soft_weight, double_weight, temperature, negative_scale, negative_shift, label_smoothing = (
-        _check_loss_keywords(
-            hard_weight, soft_weight, double_weight, temperature, negative_weighting, negative_scale,
-            negative_shift, label_smoothing, reduction,
-        )
+    (hard_weight, soft_weight, double_weight, temperature, negative_scale, negative_shift, label_smoothing,
+     ignore_index) = _check_loss_keywords(
+        hard_weight, soft_weight, double_weight, temperature, negative_weighting, negative_scale,
+        negative_shift, label_smoothing, reduction, ignore_index,
     )
-    ignore_index = check_int("ignore_index", ignore_index)
     h, W = student_hidden, student_weight
     if not h.is_floating_point():
         raise TypeError(f"student_hidden must be a floating-point tensor, got dtype {h.dtype}")

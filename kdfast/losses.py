@@ -42,10 +42,11 @@ def _check_loss_keywords(
     negative_shift: float,
     label_smoothing: float,
     reduction: str,
-) -> tuple[float, float, float, float, float, float, float]:
-    """The loss keywords shared by every loss function; returns the numeric ones as floats
+    ignore_index: int,
+) -> tuple[float, float, float, float, float, float, float, int]:
+    """The loss keywords shared by every loss function; returns the numeric ones, as floats
     ``(hard_weight, soft_weight, double_weight, temperature, negative_scale, negative_shift,
-    label_smoothing)``."""
+    label_smoothing)`` and the int ``ignore_index``."""
     hard_weight = check_real("hard_weight", hard_weight, finite=True)
     soft_weight = check_real("soft_weight", soft_weight, finite=True)
     double_weight = check_real("double_weight", double_weight, finite=True)
@@ -69,7 +70,9 @@ def _check_loss_keywords(
     if double_weight > 0 and negative_weighting == "sigmoid" and not negative_scale > 0:
         # the paper's a > 0: the weight falls as the teacher's logit grows
         raise ValueError(f"negative_scale must be > 0, got {negative_scale}")
-    return hard_weight, soft_weight, double_weight, temperature, negative_scale, negative_shift, label_smoothing
+    ignore_index = check_int("ignore_index", ignore_index)
+    return (hard_weight, soft_weight, double_weight, temperature, negative_scale, negative_shift, label_smoothing,
+            ignore_index)
 
 
 def _check_int_target(target: Tensor, B: int, device: torch.device, against: str) -> None:
@@ -183,13 +186,11 @@ def distillation_loss(
     student_logits = as_tensor(student_logits, "student_logits")
     target = None if target is None else as_tensor(target, "target")
     teacher_logits = None if teacher_logits is None else as_tensor(teacher_logits, "teacher_logits")
-    hard_weight, soft_weight, double_weight, temperature, negative_scale, negative_shift, label_smoothing = (
-        _check_loss_keywords(
-            hard_weight, soft_weight, double_weight, temperature, negative_weighting, negative_scale,
-            negative_shift, label_smoothing, reduction,
-        )
+    (hard_weight, soft_weight, double_weight, temperature, negative_scale, negative_shift, label_smoothing,
+     ignore_index) = _check_loss_keywords(
+        hard_weight, soft_weight, double_weight, temperature, negative_weighting, negative_scale,
+        negative_shift, label_smoothing, reduction, ignore_index,
     )
-    ignore_index = check_int("ignore_index", ignore_index)
     _validate(student_logits, target, teacher_logits, hard_weight, soft_weight, double_weight)
     if teacher_logits is not None and soft_weight == 0 and double_weight == 0:
         teacher_logits = None  # not needed: skip reading it
