@@ -88,6 +88,8 @@ BAD_FILES = {
     "trailing_comma": ("2 6 4\n1,2, 0:1\n1 2:1\n", 2, "expected a label id", "1,2,"),
     "empty_value": ("2 6 4\n1 0: 1:1\n1 2:1\n", 2, "expected a feature value", "0:"),
     "value_nan": ("2 6 4\n1 0:nan\n1 2:1\n", 2, "must be finite", "0:nan"),
+    "value_plus_minus": ("2 6 4\n1 0:+-1\n1 2:1\n", 2, "expected a feature value", "0:+-1"),
+    "value_plus_alone": ("2 6 4\n1 0:+ 1:1\n1 2:1\n", 2, "expected a feature value", "0:+"),
     "value_inf": ("2 6 4\n1 0:1 2:-inf\n1 2:1\n", 2, "must be finite", "2:-inf"),
     "value_above_float32": ("2 6 4\n1 0:1e50\n1 2:1\n", 2, "out of the float32 range", "0:1e50"),
     "value_above_float64": ("2 6 4\n1 0:1e999\n1 2:1\n", 2, "out of the float range", "0:1e999"),
@@ -138,6 +140,12 @@ def test_reader_blank_lines_after_the_points_and_tiny_values(tmp_path):
     X, Y = kd.read_xmlrepo(_write(tmp_path, "3 3 2\n1 0:1\n\n0 2:1e-50 1:2\n"))
     np.testing.assert_array_equal(X.toarray(), [[1, 0, 0], [0, 0, 0], [0, 2, 0]])
     np.testing.assert_array_equal(Y.toarray(), [[0, 1], [0, 0], [1, 0]])
+
+
+def test_reader_values_with_a_plus_sign(tmp_path):
+    """'+0.5', '+.25' and '+3e-1' read as strtod (and sklearn's reader) reads them."""
+    X, _ = kd.read_xmlrepo(_write(tmp_path, "1 4 2\n1 0:+0.5 1:+.25 2:+3e-1 3:+2\n"))
+    np.testing.assert_array_equal(X.toarray(), np.array([[0.5, 0.25, 0.3, 2.0]], dtype=np.float32))
 
 
 def test_reader_header_claiming_more_points_than_the_file_holds(tmp_path):

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
@@ -80,11 +81,15 @@ class Parser {
     return value;
   }
   // A finite float32 (parsed as a double: values below float32's range become 0 or
-  // subnormal, values above it and inf or NaN are errors).
+  // subnormal, values above it and inf or NaN are errors). A '+' before a digit or
+  // '.' is read as strtod reads it (std::from_chars alone refuses it).
   float real(const char* what, const char* token) {
     const char* begin = p_;
+    if (end_ - begin >= 2 && begin[0] == '+' && (std::isdigit(static_cast<unsigned char>(begin[1])) || begin[1] == '.')) {
+      ++begin;
+    }
     double value = 0;
-    const auto [ptr, ec] = std::from_chars(p_, end_, value);
+    const auto [ptr, ec] = std::from_chars(begin, end_, value);
     if (ec == std::errc::result_out_of_range) fail(std::string(what) + " out of the float range", token);
     if (ec != std::errc() || ptr == begin) fail(std::string("expected ") + what, token);
     if (!std::isfinite(value)) fail(std::string(what) + " must be finite", token);
