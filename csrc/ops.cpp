@@ -4,9 +4,22 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/gemm.h"
+
+namespace {
+// kdfast._C.cpu_bf16_gemm_status(): whether the CPU tile GEMMs of bf16 inputs
+// take the bf16 GEMM now, and why (csrc/cpu/gemm.h).
+PyObject* cpu_bf16_gemm_status(PyObject*, PyObject*) {
+  return PyUnicode_FromString(kdfast::cpu::bf16_gemm_status().c_str());
+}
+PyMethodDef module_methods[] = {
+    {"cpu_bf16_gemm_status", cpu_bf16_gemm_status, METH_NOARGS, "whether the CPU's bf16 tile GEMM is on, and why"},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 // Importing kdfast._C loads this library, which registers the ops below.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   return PyModule_Create(&module_def);
 }
 

@@ -115,6 +115,11 @@ def fused_linear_distillation_loss(
     The other keywords are those of :func:`kdfast.distillation_loss`. With a ``one_minus_prob``
     double term and a dense or on-the-fly teacher, the teacher's logits are made twice (its
     log-partition is needed before the weights).
+
+    Precision: the logits and every sum are float32 (float64 for float64 inputs). bf16/fp16 inputs
+    are read as they are; on the CPU, bf16 tile GEMMs run as MKL's bf16 x bf16 -> float32 GEMM where
+    the CPU has AMX (:func:`kdfast.ops.cpu_bf16_gemm_status`; ``KDFAST_CPU_BF16_GEMM=0`` upcasts to
+    float32 GEMMs instead), with the same logits and gradients within one bf16 rounding.
     """
     student_hidden = as_tensor(student_hidden, "student_hidden")
     student_weight = as_tensor(student_weight, "student_weight")

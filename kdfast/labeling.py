@@ -118,6 +118,10 @@ def teacher_topk(
         ``[B, k]`` (raw, not divided by the temperature), ``lse`` ``[B]`` = LSE(logits / T) over
         all classes, ``entropy`` ``[B]`` of softmax(logits / T) and ``covered`` ``[B]``, its mass
         inside the top-k. Values are float32 (float64 for float64 inputs). No gradient flows.
+
+    bf16 inputs on a CPU with AMX take MKL's bf16 x bf16 -> float32 GEMM (same logits as float32
+    GEMMs of the upcast inputs; :func:`kdfast.ops.cpu_bf16_gemm_status`): label a large set with
+    the teacher in bf16 there.
     """
     hidden = as_tensor(hidden, "hidden").detach()
     weight = as_tensor(weight, "weight").detach()

@@ -15,10 +15,11 @@ import math
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loading the extension registers the ops)
+from . import _C  # loading the extension registers the ops
 
 __all__ = [
     "NUM_ROW_STATS",
+    "cpu_bf16_gemm_status",
     "distillation_loss_backward",
     "distillation_loss_forward",
     "effective_student_logits",
@@ -32,6 +33,20 @@ __all__ = [
 # csrc/cpu/loss_math.h (RowStat): the maxima and log-sums of the five log-partitions
 # LSE(f), LSE(f/T), LSE(f + log w), LSE(s/T), LSE(s).
 NUM_ROW_STATS = 8
+
+
+def cpu_bf16_gemm_status() -> str:
+    """Whether the CPU kernels multiply bf16 inputs with MKL's bf16 x bf16 -> float32 GEMM now
+    ("on: ...") or upcast them to float32 GEMMs ("off: ..."), and why.
+
+    Both give the same logits (a product of two bf16 values is exact in float32); the bf16 GEMM
+    runs on the CPU's matrix units (AMX), several times faster. The environment variable
+    ``KDFAST_CPU_BF16_GEMM`` chooses, read at each op call: ``0`` off, ``1`` on wherever this torch
+    exports MKL's GEMM (x86-64 builds), unset or ``auto`` on when the CPU also has AMX-BF16.
+    The backward's float32 dL/dF enters the bf16 GEMMs as two bf16 terms (16 bits of it), so the
+    bf16 gradients returned differ from the float32 path's by at most one rounding, in few entries.
+    """
+    return _C.cpu_bf16_gemm_status()
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:

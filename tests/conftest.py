@@ -35,6 +35,21 @@ def device(request) -> str:
     return request.param
 
 
+@pytest.fixture(params=["0", "1"], ids=["fp32_gemm", "bf16_gemm"])
+def cpu_bf16_gemm(request, monkeypatch) -> str:
+    """Both ways the CPU kernels multiply bf16 inputs (csrc/cpu/gemm.h): upcast to float32 GEMMs
+    (KDFAST_CPU_BF16_GEMM=0) and MKL's bf16 GEMM, forced on whatever the CPU
+    (KDFAST_CPU_BF16_GEMM=1; skipped only where this torch does not export it). CUDA ignores it."""
+    import kdfast
+
+    monkeypatch.setenv("KDFAST_CPU_BF16_GEMM", request.param)
+    status = kdfast.ops.cpu_bf16_gemm_status()
+    if request.param == "1" and not status.startswith("on"):
+        pytest.skip(f"the CPU bf16 GEMM is not available: {status}")
+    assert status.startswith("on" if request.param == "1" else "off"), status
+    return request.param
+
+
 settings.register_profile(
     "kdfast",
     max_examples=50,

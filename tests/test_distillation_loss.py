@@ -770,6 +770,8 @@ def _bad_cases():
         "teacher_on_meta": ((f, t, s.to("meta")), {"soft_weight": 1.0}, ValueError, "teacher_logits"),
         "weight_not_a_number": ((f, t), {"hard_weight": "1"}, TypeError, "hard_weight"),
         "temperature_inf": ((f, t, s), {"soft_weight": 1.0, "temperature": math.inf}, ValueError, "temperature"),
+        "temperature_below_float32": ((f.float(), t, s.float()), {"soft_weight": 1.0, "temperature": 1e-39}, ValueError,
+                                      r"temperature must be in \[2\.9\d*e-39, .*Float accumulation"),
         "hard_weight_inf": ((f, t), {"hard_weight": math.inf}, ValueError, "hard_weight"),
         "negative_shift_nan": (
             (f, t, s), {"double_weight": 1.0, "negative_shift": math.nan}, ValueError, "negative_shift",

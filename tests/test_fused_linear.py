@@ -874,7 +874,7 @@ def _low_precision_dense(p: Problem, kwargs, grad_out):
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("term", ["hard_smoothed", "soft", "double_sigmoid", "double_one_minus_prob", "combined"])
 @pytest.mark.parametrize("form", FORMS)
-def test_half_precision_within_twice_low_precision_reference_error(form, term, reduction, dtype, fdevice):
+def test_half_precision_within_twice_low_precision_reference_error(form, term, reduction, dtype, fdevice, cpu_bf16_gemm):
     """bf16 (and fp16) inputs (fp32 accumulation inside), exact=True: the error against the float64
     reference on the same rounded inputs is at most 2x that of F.linear + the reference computed in
     that dtype by PyTorch, plus one rounding of the output (half an ulp of its largest value)."""
@@ -898,6 +898,37 @@ def test_half_precision_within_twice_low_precision_reference_error(form, term, r
         )
 
 
+@pytest.mark.parametrize("target_kind", TARGET_KINDS)
+@pytest.mark.parametrize("form", FORMS)
+def test_cpu_bf16_gemm_matches_float32_gemm(form, target_kind, monkeypatch):
+    """CPU, bf16 inputs: MKL's bf16 GEMM (dL/dF as bf16 hi + lo) and the upcast float32 GEMMs give
+    the same loss and gradients up to one bf16 rounding (or 2^-16 of the largest entry, the split's
+    error, where a sum cancels to a small value), in at most 1% of the entries (dL/dF rounded to bf16
+    alone, without lo, moves ~10% of grad_weight's entries by a rounding at B = 64), and errors
+    against float64 no larger than the float32 path's by more than that."""
+    monkeypatch.setenv("KDFAST_CPU_BF16_GEMM", "1")
+    if not kdfast.ops.cpu_bf16_gemm_status().startswith("on"):
+        pytest.skip(f"the CPU bf16 GEMM is not available: {kdfast.ops.cpu_bf16_gemm_status()}")
+    p = _problem(64, 40, 3001, seed=31, form=form, target_kind=target_kind, dtype=torch.bfloat16, scale=2.0)
+    kwargs = dict(TERMS["combined"], reduction="sum")
+    results = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("KDFAST_CPU_BF16_GEMM", mode)
+        results[mode] = _run_fused(p, kwargs, exact=True, tile_size=256)
+    (loss, grads), (loss32, grads32) = results["1"], results["0"]
+    _, exact = _run_dense(reference.distillation_loss, p, kwargs, None, torch.float64)
+    eps = torch.finfo(torch.bfloat16).eps
+    assert_close(loss.float(), loss32.float(), rtol=eps, atol=0)
+    for name, g, g32, e in zip(GRAD_NAMES, grads, grads32, exact):
+        g, g32 = g.double(), g32.double()
+        slack = 2.0**-16 * g32.abs().max()
+        assert torch.all((g - g32).abs() <= eps * g32.abs() + slack), f"{name}: more than one rounding apart"
+        differ = (g != g32).double().mean().item()
+        assert differ <= 0.01, f"{name}: {differ:.1%} of the entries differ"
+        err, err32 = (g - e).abs().max().item(), (g32 - e).abs().max().item()
+        assert err <= err32 + slack, f"{name}: error {err:.3g} against float64, float32 path {err32:.3g}"
+
+
 # ----------------------------------------------------------------------------- gradient filtering
 
 
@@ -916,7 +947,7 @@ def _peaked_problem(dtype, device, seed=26):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
-def test_filtered_gradient_within_stated_bound(dtype, fdevice):
+def test_filtered_gradient_within_stated_bound(dtype, fdevice, cpu_bf16_gemm):
     """exact=False with filter_eps: the gradient differs from exact (tiles are really skipped), but
     by at most filter_eps * |g_i| * sum_j ||W_j|| per grad_hidden row and filter_eps * sum_i |g_i| ||h_i||
     per grad_weight row (per the docstring: each skipped entry moves grad_hidden[i] by
@@ -1200,6 +1231,9 @@ def _bad_cases():
         "ignore_index_float": ((h, W, t), {"ignore_index": 1.5}, TypeError, "ignore_index"),
         "ignore_index_none": ((h, W, t), {"ignore_index": None}, TypeError, "ignore_index"),
         "temperature_inf": ((h, W, t), dict(soft, temperature=float("inf"), teacher_logits=s), ValueError, "temperature"),
+        # 1/temperature overflows float32 (it gave NaN losses); float64 accumulation takes it
+        "temperature_below_float32": ((h.float(), W.float(), t), dict(soft, temperature=1e-39, teacher_logits=s.float()),
+                                      ValueError, r"temperature must be in \[2\.9\d*e-39, .*Float accumulation"),
         "hard_weight_inf": ((h, W, t), {"hard_weight": float("inf")}, ValueError, "hard_weight"),
         "negative_shift_nan": (
             (h, W, t), {"double_weight": 1.0, "negative_shift": float("nan"), "teacher_logits": s}, ValueError,

@@ -124,6 +124,7 @@ inline FusedInputs prepare_inputs(const LossConfig& cfg, const at::Tensor& hidde
   TORCH_CHECK_VALUE(in.V > 0, "student_weight must have at least one class (V = 0)");
   TORCH_CHECK_VALUE(cfg.num_classes == in.V, "internal: num_classes mismatch");
   in.acc_type = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_temperature_range(cfg.temperature, in.acc_type);
   in.hidden = hidden.to(in.acc_type).contiguous();
   in.hidden_in = hidden.contiguous();
   in.weight = weight.contiguous();

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "fused_inputs.h"
+#include "gemm.h"
 #include "kernel_utils.h"
 #include "loss_math.h"
 #include "tiles.h"
@@ -27,13 +28,24 @@
 namespace kdfast::cpu {
 namespace {
 
+// The student's and an on-the-fly teacher's rows in bf16 when their tile GEMMs
+// take the bf16 GEMM (tiles.h, bf16_rows), else undefined: chosen once per op.
+struct LowRows {
+  at::Tensor student, teacher;
+  explicit LowRows(const FusedInputs& in)
+      : student(bf16_rows(in.hidden_in, in.weight)),
+        teacher(in.teacher == TeacherKind::Linear ? bf16_rows(in.teacher_hidden_in, in.teacher_weight)
+                                                  : at::Tensor()) {}
+};
+
 // Per-thread tile buffers for the student and teacher logits of a tile.
 // teacher_present[i] is false when a top-k teacher has no class of row i in the
 // tile: the row's teacher terms then skip the tile's teacher work (q = 0, w = 1).
 struct TileBuffers {
   at::Tensor f, s, w, wt, log_w;
   std::vector<char> teacher_present;
-  TileBuffers(const FusedInputs& in, int64_t tile) {
+  LowRows low;
+  TileBuffers(const FusedInputs& in, int64_t tile, const LowRows& low_rows) : low(low_rows) {
     const auto opts = in.hidden.options();
     f = at::empty({in.B * tile}, opts);
     if (in.teacher != TeacherKind::None) s = at::empty({in.B * tile}, opts);
@@ -61,7 +73,7 @@ void teacher_tile(const FusedInputs& in, int64_t c0, int64_t n, TileBuffers& buf
       s.copy_(in.teacher_logits.narrow(1, c0, n));
       break;
     case TeacherKind::Linear:
-      linear_tile(in.teacher_hidden, in.teacher_weight, in.teacher_bias, c0, n, buf.wt, s);
+      linear_tile(in.teacher_hidden, buf.low.teacher, in.teacher_weight, in.teacher_bias, c0, n, buf.wt, s);
       break;
     case TeacherKind::TopK: {
       // the stored logits at their classes, -inf elsewhere: softmax over the tile's
@@ -94,7 +106,8 @@ void teacher_tile(const FusedInputs& in, int64_t c0, int64_t n, TileBuffers& buf
 // log w needs LSE(s) over all classes for one_minus_prob weights: stored with a
 // top-k teacher, else one pass of teacher tiles before the main pass.
 template <typename acc_t>
-std::vector<LogPartition<acc_t>> teacher_log_partition(const LossConfig& cfg, const FusedInputs& in, int64_t tile) {
+std::vector<LogPartition<acc_t>> teacher_log_partition(const LossConfig& cfg, const FusedInputs& in, int64_t tile,
+                                                       const LowRows& low) {
   std::vector<LogPartition<acc_t>> lse(in.B, LogPartition<acc_t>{0, 0});
   if (!cfg.needs_teacher_prepass()) return lse;
   if (in.teacher == TeacherKind::TopK) {
@@ -105,7 +118,7 @@ std::vector<LogPartition<acc_t>> teacher_log_partition(const LossConfig& cfg, co
   OrderedParts<std::vector<LogSumExp<acc_t>>> parts;
   at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again in each worker
-    TileBuffers buf(in, tile);
+    TileBuffers buf(in, tile, low);
     std::vector<LogSumExp<acc_t>> part(in.B);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = t * tile, n = std::min(tile, in.V - c0);
@@ -127,17 +140,18 @@ template <typename acc_t>
 void forward_kernel(const LossConfig& cfg, const FusedInputs& in, int64_t tile, at::Tensor& losses,
                     at::Tensor& stats) {
   const BatchTargets targets = in.targets(cfg.ignore_index);
-  const std::vector<LogPartition<acc_t>> lse_s = teacher_log_partition<acc_t>(cfg, in, tile);
+  const LowRows low(in);
+  const std::vector<LogPartition<acc_t>> lse_s = teacher_log_partition<acc_t>(cfg, in, tile, low);
   const int64_t num_tiles = (in.V + tile - 1) / tile;
   OrderedParts<std::vector<RowAccumulator<acc_t>>> parts;
   at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again in each worker
-    TileBuffers buf(in, tile);
+    TileBuffers buf(in, tile, low);
     std::vector<RowAccumulator<acc_t>> part(in.B);
     acc_t* log_w = buf.log_w.data_ptr<acc_t>();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = t * tile, n = std::min(tile, in.V - c0);
-      linear_tile(in.hidden, in.weight, in.bias, c0, n, buf.w, tile_view(buf.f, in.B, n));
+      linear_tile(in.hidden, buf.low.student, in.weight, in.bias, c0, n, buf.w, tile_view(buf.f, in.B, n));
       if (cfg.needs_teacher()) teacher_tile(in, c0, n, buf);
       const acc_t* f = buf.f.data_ptr<acc_t>();
       for (int64_t i = 0; i < in.B; ++i) {
@@ -172,6 +186,26 @@ LogPartition<acc_t> weights_lse(const FusedInputs& in, const acc_t* row_stats, i
   return {row_stats[kMaxS], row_stats[kLogSumS]};
 }
 
+// A kept tile's gradient GEMMs by the bf16 GEMM (gemm.h), for bf16 inputs:
+// grad_hidden += G W[c0:c0+n] and gw [n, d] = G^T H, with the float32 G [B, n]
+// split into bf16 hi + lo (g_hi, g_lo: buffers of at least B n).
+void gradient_gemms_bf16(const at::Tensor& G, const at::Tensor& weight, const at::Tensor& hidden_low, int64_t c0,
+                         at::Tensor& g_hi, at::Tensor& g_lo, at::Tensor& grad_hidden, at::Tensor& gw) {
+  const int64_t B = G.size(0), n = G.size(1), d = weight.size(1);
+  at::BFloat16* hi = g_hi.data_ptr<at::BFloat16>();
+  at::BFloat16* lo = g_lo.data_ptr<at::BFloat16>();
+  split_bf16(G.data_ptr<float>(), B * n, hi, lo);
+  const at::BFloat16* w = weight.data_ptr<at::BFloat16>() + c0 * d;
+  const at::BFloat16* h = hidden_low.data_ptr<at::BFloat16>();
+  float* gh = grad_hidden.data_ptr<float>();
+  float* gw_data = gw.data_ptr<float>();
+  for (const at::BFloat16* part : {hi, lo}) {
+    const float beta = part == hi ? 0.0f : 1.0f;
+    gemm_bf16_f32(false, false, B, d, n, part, n, w, d, 1.0f, gh, d);          // [B, n] [n, d]
+    gemm_bf16_f32(true, false, n, d, B, part, n, h, d, beta, gw_data, d);      // [n, B] [B, d]
+  }
+}
+
 template <typename acc_t>
 void backward_kernel(const LossConfig& cfg, const FusedInputs& in, int64_t tile, double filter_eps,
                      const at::Tensor& grad_losses, const at::Tensor& stats, at::Tensor& grad_hidden,
@@ -181,17 +215,24 @@ void backward_kernel(const LossConfig& cfg, const FusedInputs& in, int64_t tile,
   const acc_t* g_data = grad_losses.data_ptr<acc_t>();
   const acc_t* stats_data = stats.data_ptr<acc_t>();
   const bool weight_in_acc = grad_weight.scalar_type() == in.acc_type;
+  const LowRows low(in);
   OrderedParts<at::Tensor> parts;
   at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: again in each worker
-    TileBuffers buf(in, tile);
+    TileBuffers buf(in, tile, low);
     at::Tensor g_buf = at::empty({in.B * tile}, in.hidden.options());
     at::Tensor gw_buf = weight_in_acc ? at::Tensor() : at::empty({tile, in.d}, in.hidden.options());
     at::Tensor part_grad_hidden = at::zeros({in.B, in.d}, in.hidden.options());
+    // dL/dF as bf16 hi + lo for the bf16 GEMMs
+    at::Tensor g_hi, g_lo;
+    if (low.student.defined()) {
+      g_hi = at::empty({in.B * tile}, low.student.options());
+      g_lo = at::empty({in.B * tile}, low.student.options());
+    }
     acc_t* log_w = buf.log_w.data_ptr<acc_t>();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = t * tile, n = std::min(tile, in.V - c0);
-      linear_tile(in.hidden, in.weight, in.bias, c0, n, buf.w, tile_view(buf.f, in.B, n));
+      linear_tile(in.hidden, buf.low.student, in.weight, in.bias, c0, n, buf.w, tile_view(buf.f, in.B, n));
       if (cfg.needs_teacher()) teacher_tile(in, c0, n, buf);
       const acc_t* f = buf.f.data_ptr<acc_t>();
       acc_t* g = g_buf.data_ptr<acc_t>();
@@ -219,6 +260,13 @@ void backward_kernel(const LossConfig& cfg, const FusedInputs& in, int64_t tile,
         continue;
       }
       const at::Tensor G = tile_view(g_buf, in.B, n);
+      if (low.student.defined()) {
+        at::Tensor gw = gw_buf.narrow(0, 0, n);
+        gradient_gemms_bf16(G, in.weight, low.student, c0, g_hi, g_lo, part_grad_hidden, gw);
+        gw_tile.copy_(gw);
+        if (grad_bias.defined()) grad_bias.narrow(0, c0, n).copy_(G.sum(0));
+        continue;
+      }
       at::Tensor w_tile = in.weight.narrow(0, c0, n);
       if (!weight_in_acc) {
         // buf.w already holds this tile in acc dtype (linear_tile converted it)

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -32,6 +33,16 @@ inline LossConfig make_config(double hard_weight, double soft_weight, double dou
   return cfg;
 }
 
+// The kernels divide by the temperature in their accumulation dtype: it and its
+// inverse must be finite there (a float32 temperature below ~2.9e-39 made NaNs).
+inline void check_temperature_range(double temperature, at::ScalarType acc_type) {
+  const double largest = acc_type == at::kDouble ? std::numeric_limits<double>::max()
+                                                 : static_cast<double>(std::numeric_limits<float>::max());
+  TORCH_CHECK_VALUE(temperature >= 1.0 / largest && temperature <= largest, "temperature must be in [",
+                    1.0 / largest, ", ", largest, "] with ", acc_type,
+                    " accumulation (it and 1/temperature finite), got ", temperature);
+}
+
 // Shape, dtype and device checks of the dense loss op's tensors (every message
 // names the argument); shared by the CPU kernels and the CUDA glue.
 inline void check_dense_inputs(const LossConfig& cfg, const at::Tensor& student, const std::optional<at::Tensor>& target,
@@ -41,6 +52,7 @@ inline void check_dense_inputs(const LossConfig& cfg, const at::Tensor& student,
   TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must have shape [B, V], got ", student.sizes());
   const int64_t B = student.size(0), V = student.size(1);
   TORCH_CHECK_VALUE(V > 0, "student_logits must have at least one class (V = 0)");
+  check_temperature_range(cfg.temperature, student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   if (target.has_value()) {
     TORCH_CHECK_TYPE(target->scalar_type() == at::kLong, "target must be int64, got ", target->scalar_type());
     TORCH_CHECK_VALUE(target->dim() == 1 && target->size(0) == B, "target must have shape [", B, "], got ",
@@ -78,6 +90,7 @@ inline void check_teacher_topk_inputs(const at::Tensor& hidden, const at::Tensor
   const int64_t V = weight.size(0);
   TORCH_CHECK_VALUE(k >= 1 && k <= V, "k must be in [1, V = ", V, "], got ", k);
   TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+  check_temperature_range(temperature, hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == V, "bias must have shape [", V, "], got ", bias->sizes());
     TORCH_CHECK_TYPE(bias->scalar_type() == hidden.scalar_type(), "bias has dtype ", bias->scalar_type(),

@@ -128,7 +128,8 @@ struct RowLabel {
 };
 
 template <typename acc_t>
-void teacher_topk_kernel(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias, int64_t k,
+void teacher_topk_kernel(const at::Tensor& hidden, const at::Tensor& hidden_low, const at::Tensor& weight,
+                         const at::Tensor& bias, int64_t k,
                          double temperature, int64_t tile, at::Tensor& indices, at::Tensor& logits,
                          at::Tensor& lse, at::Tensor& entropy, at::Tensor& covered) {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -145,7 +146,7 @@ void teacher_topk_kernel(const at::Tensor& hidden, const at::Tensor& weight, con
     Part part(B, RowLabel<acc_t>(k));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = t * tile, n = std::min(tile, V - c0);
-      linear_tile(hidden, weight, bias, c0, n, w_buf, tile_view(f_buf, B, n));
+      linear_tile(hidden, hidden_low, weight, bias, c0, n, w_buf, tile_view(f_buf, B, n));
       const acc_t* f = f_buf.data_ptr<acc_t>();
       for (int64_t i = 0; i < B; ++i) {
         const acc_t* x = f + i * n;
@@ -206,6 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> teacher_t
   const at::Tensor b = bias.has_value() ? bias->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor h = hidden.to(acc_type).contiguous();
   const at::Tensor w = weight.contiguous();
+  const at::Tensor h_low = bf16_rows(hidden.contiguous(), w);  // bf16: the bf16 GEMM, when it is on
   const auto opts = h.options();
   at::Tensor indices = at::empty({B, k}, opts.dtype(at::kLong));
   at::Tensor logits = at::empty({B, k}, opts);
@@ -215,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> teacher_t
   // 4.2-5.1 s with 64, 3.6-4.2 s with 256; 512 was slower again)
   const int64_t tile = choose_tile(tile_size, B, V, 256);
   AT_DISPATCH_FLOATING_TYPES(acc_type, "teacher_topk_cpu", [&] {
-    teacher_topk_kernel<scalar_t>(h, w, b, k, temperature, tile, indices, logits, lse, entropy, covered);
+    teacher_topk_kernel<scalar_t>(h, h_low, w, b, k, temperature, tile, indices, logits, lse, entropy, covered);
   });
   return {indices, logits, lse, entropy, covered};
 }

@@ -8,6 +8,8 @@
 #include <map>
 #include <mutex>
 
+#include "gemm.h"
+
 namespace kdfast::cpu {
 
 // Class tile size: the per-thread [B, tile] buffers (student and teacher logits,
@@ -22,10 +24,24 @@ inline int64_t choose_tile(int64_t requested, int64_t B, int64_t V, int64_t min_
   return std::min(tile, V);
 }
 
-// out[B, n] = x W[c0:c0+n]^T + b[c0:c0+n] in acc dtype; `w_buffer` holds the
-// weight tile converted to acc dtype when the weights are in a lower precision.
-inline void linear_tile(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t c0, int64_t n,
-                        at::Tensor& w_buffer, const at::Tensor& out) {
+// The rows x_in (input dtype, contiguous) for linear_tile's bf16 GEMM when their
+// GEMMs with these weights take it (both bf16 and the bf16 GEMM on), else undefined.
+inline at::Tensor bf16_rows(const at::Tensor& x_in, const at::Tensor& weight) {
+  const bool bf16 = x_in.defined() && x_in.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16;
+  return bf16 && bf16_gemm_enabled() ? x_in : at::Tensor();
+}
+
+// out[B, n] = x W[c0:c0+n]^T + b[c0:c0+n] in acc dtype. x is in acc dtype; x_low
+// is undefined, or the same rows in bf16 when the caller chose the bf16 GEMM
+// (bf16_rows: one choice per op, as its tiles must agree). Otherwise `w_buffer`
+// holds the weight tile converted to acc dtype when the weights are in a lower
+// precision.
+inline void linear_tile(const at::Tensor& x, const at::Tensor& x_low, const at::Tensor& weight,
+                        const at::Tensor& bias, int64_t c0, int64_t n, at::Tensor& w_buffer, const at::Tensor& out) {
+  if (x_low.defined()) {
+    linear_tile_bf16(x_low, weight, bias, c0, n, out);
+    return;
+  }
   at::Tensor w = weight.narrow(0, c0, n);
   if (w.scalar_type() != x.scalar_type()) {
     at::Tensor converted = w_buffer.view(-1).narrow(0, 0, n * weight.size(1)).view({n, weight.size(1)});
