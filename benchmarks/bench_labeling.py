@@ -125,7 +125,9 @@ def eager_label(h, w, b, k: int, temperature: float, chunk: int):
 def kdfast_label(h, w, b, k: int, temperature: float):
     import kdfast
 
-    return tuple(kdfast.teacher_topk(h, w, b, k=k, temperature=temperature))
+    # the five tensors eager_label returns, in its order (TopK also carries its temperature)
+    r = kdfast.teacher_topk(h, w, b, k=k, temperature=temperature)
+    return r.indices, r.logits, r.lse, r.entropy, r.covered
 
 
 def sgemm_gflops(repeats: int, warmup: int = 1) -> list[float]:
