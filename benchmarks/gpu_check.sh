@@ -32,10 +32,14 @@
 #   BENCH_TIMEOUT=        seconds for the bench step (default: all that is left, so put alltests in
 #                         another call or give the bench less)
 #
-# Usage (device tool): a first call, with carry [".whl"]:
-#   STEPS="wheels info build register tests sanitizer bench" BENCH_ARGS="--impls kdfast,eager,cce,liger" \
-#     bash benchmarks/gpu_check.sh
-# then, with the stripped .so it returned copied to kdfast/ and carried too (carry [".whl",
+# Usage (device tool). Since 2026-12 a session has 15 minutes of device time in all, machine start
+# included, so plan for ONE call (a second is possible only if the first ends early): with carry
+# [".whl"] and timeout_s 600,
+#   STEPS="wheels info build register tests sanitizer bench" SANITIZER_TOOLS=memcheck TESTS_TIMEOUT=180 \
+#     BENCH_ARGS="--impls kdfast,eager,cce,liger --cases ce,ce_kd_linear,dd_linear,topk" bash benchmarks/gpu_check.sh
+# (the bench step gets what is left before DEADLINE and stops starting workers 20 s before it).
+# With more device time, a first call as above without the limits, then, with the stripped .so it
+# returned copied to kdfast/ and carried too (carry [".whl",
 # "kdfast/_C.cpython-312-x86_64-linux-gnu.so"]; without it PREBUILT=1 just builds again):
 #   PREBUILT=1 STEPS="wheels build register bench alltests" BENCH_ARGS="--impls liger,compile" \
 #     BENCH_TIMEOUT=400 bash benchmarks/gpu_check.sh
