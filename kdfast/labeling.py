@@ -42,7 +42,8 @@ manifest) and relabels the others.
 Determinism: :func:`teacher_topk` is deterministic for a fixed number of torch threads (the
 class tiles are split among threads and their partial sums folded in tile order, so the thread
 count changes the last bits of ``lse``/``entropy``/``covered``), a fixed batch size (the tile size
-and the GEMM depend on it), the same device and the same BLAS. Rows are labelled in batches of
+and the GEMM depend on it), the same device and the same BLAS (for a bf16 teacher on the CPU,
+the same GEMM path too: :func:`kdfast.ops.cpu_bf16_gemm_status`). Rows are labelled in batches of
 ``batch_size`` starting at each shard's first row, whatever the rank count and whichever shards a
 resumed run redoes; ``batch_size`` is part of the manifest and a store is resumed with its own
 (``batch_size=None``, the default, takes it from the manifest; another value is refused).
