@@ -25,7 +25,7 @@ The script checks that the two kdfast paths agree (loss, and gradients within on
 all but a few entries; labeling: equal indices, float32-close statistics). Rows go to
 ``benchmarks/results/cpu_bf16.csv`` and the ``bench_cpu_bf16`` section of ``BENCHMARKS.md``.
 
-    python benchmarks/bench_cpu_bf16.py                  # ~5 minutes on 2 cores
+    python benchmarks/bench_cpu_bf16.py                  # ~3 minutes on 2 cores
     python benchmarks/bench_cpu_bf16.py --classes 100000 --cases ce --no-write
 """
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -130,7 +131,7 @@ def worker(args) -> int:
     fn = step_fn(args.case, args.impl, x)
     out = fn()  # warm-up (thread pools, per-thread buffers)
     del out
-    if args.case != "topk":
+    if args.case != "topk":  # else the measured step would reuse the memory of the warm-up's gradients
         x["h"].grad = x["W"].grad = None
     peak, method, out = common.peak_memory_growth_mb(fn)
     times = common.time_fn(fn, repeats=args.repeats, warmup=args.warmup)
@@ -188,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     load = common.announce_load()
     print(f"bench_cpu_bf16: B = {args.batch}, d_s = {args.dim}, V = {args.classes:,}, d_t = {args.teacher_dim}, "
           f"bf16, on {meta['device']}; commit {meta['commit']}")
-    import tempfile
-
     results, checks, status = {}, [], ""
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:

@@ -49,8 +49,10 @@ struct TileBuffers {
     const auto opts = in.hidden.options();
     f = at::empty({in.B * tile}, opts);
     if (in.teacher != TeacherKind::None) s = at::empty({in.B * tile}, opts);
-    if (in.weight.scalar_type() != in.acc_type) w = at::empty({tile * in.d}, opts);
-    if (in.teacher == TeacherKind::Linear && in.teacher_weight.scalar_type() != in.acc_type) {
+    // weight tiles upcast to acc dtype, unless the bf16 GEMM reads them as they are
+    if (in.weight.scalar_type() != in.acc_type && !low.student.defined()) w = at::empty({tile * in.d}, opts);
+    if (in.teacher == TeacherKind::Linear && in.teacher_weight.scalar_type() != in.acc_type &&
+        !low.teacher.defined()) {
       wt = at::empty({tile * in.teacher_weight.size(1)}, opts);
     }
     log_w = at::empty({tile}, opts);
