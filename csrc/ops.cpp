@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/gemm.h"
+#include "cpu/grad_buffers.h"
 
 namespace {
 // kdfast._C.cpu_bf16_gemm_status(): whether the CPU tile GEMMs of bf16 inputs
@@ -12,8 +13,18 @@ namespace {
 PyObject* cpu_bf16_gemm_status(PyObject*, PyObject*) {
   return PyUnicode_FromString(kdfast::cpu::bf16_gemm_status().c_str());
 }
+// kdfast._C.empty_cpu_cache() / cpu_cache_bytes(): the grad_weight block kept
+// for reuse (csrc/cpu/grad_buffers.h).
+PyObject* empty_cpu_cache(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(kdfast::cpu::empty_cpu_cache());
+}
+PyObject* cpu_cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(kdfast::cpu::cpu_cache_bytes());
+}
 PyMethodDef module_methods[] = {
     {"cpu_bf16_gemm_status", cpu_bf16_gemm_status, METH_NOARGS, "whether the CPU's bf16 tile GEMM is on, and why"},
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "free the kept grad_weight block; the bytes freed"},
+    {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS, "bytes of the kept grad_weight block"},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

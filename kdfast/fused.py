@@ -120,6 +120,11 @@ def fused_linear_distillation_loss(
     are read as they are; on the CPU, bf16 tile GEMMs run as MKL's bf16 x bf16 -> float32 GEMM where
     the CPU has AMX (:func:`kdfast.ops.cpu_bf16_gemm_status`; ``KDFAST_CPU_BF16_GEMM=0`` upcasts to
     float32 GEMMs instead), with the same logits and gradients within one bf16 rounding.
+
+    Memory: on the CPU, a ``grad_weight`` of 2 MiB or more is put on transparent huge pages and,
+    once freed, kept for the next backward of the same size, so a training loop does not fault
+    fresh pages in every step (:func:`kdfast.ops.empty_cpu_cache` returns it;
+    ``KDFAST_CPU_GRAD_CACHE=0`` turns this off).
     """
     student_hidden = as_tensor(student_hidden, "student_hidden")
     student_weight = as_tensor(student_weight, "student_weight")

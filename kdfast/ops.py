@@ -20,10 +20,12 @@ from . import _C  # loading the extension registers the ops
 __all__ = [
     "NUM_ROW_STATS",
     "cpu_bf16_gemm_status",
+    "cpu_cache_bytes",
     "distillation_loss_backward",
     "distillation_loss_forward",
     "effective_student_logits",
     "eigenprojection",
+    "empty_cpu_cache",
     "fused_linear_loss_backward",
     "fused_linear_loss_forward",
     "teacher_topk",
@@ -47,6 +49,27 @@ def cpu_bf16_gemm_status() -> str:
     bf16 gradients returned differ from the float32 path's by at most one rounding, in few entries.
     """
     return _C.cpu_bf16_gemm_status()
+
+
+def empty_cpu_cache() -> int:
+    """Free the ``grad_weight`` block the CPU fused loss keeps for reuse; return the bytes freed.
+
+    The CPU backward of :func:`kdfast.fused_linear_distillation_loss` allocates ``grad_weight``
+    (``V x d``: 171 MB at Amazon-670K's 670,091 classes and d = 64) on transparent huge pages,
+    and when that tensor is freed (``optimizer.zero_grad()`` sets ``.grad`` to None) keeps one
+    such block for the next backward asking for the same size. A training step then neither
+    faults nor zeroes fresh pages: ~30-70 ms of a 0.45 s hard-CE step on a 2-core Xeon (see
+    ``BENCHMARKS.md``). The peak is unchanged: the next step holds the block at the same point.
+    Between steps it stays resident, like a ``.grad`` kept by ``zero_grad(set_to_none=False)``;
+    call this after training to return it. ``KDFAST_CPU_GRAD_CACHE=0`` (read at each
+    allocation) turns the huge pages and the kept block off. Blocks under 2 MiB are never kept.
+    """
+    return _C.empty_cpu_cache()
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes of the ``grad_weight`` block kept for reuse (0 if none): see :func:`empty_cpu_cache`."""
+    return _C.cpu_cache_bytes()
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -21,6 +21,7 @@
 
 #include "fused_inputs.h"
 #include "gemm.h"
+#include "grad_buffers.h"
 #include "kernel_utils.h"
 #include "loss_math.h"
 #include "tiles.h"
@@ -317,7 +318,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cpu(
   const at::Tensor g = grad_losses.to(in.acc_type).contiguous();
   const at::Tensor st = stats.contiguous();
   at::Tensor grad_hidden = at::zeros({in.B, in.d}, in.hidden.options());
-  at::Tensor grad_weight = at::empty({in.V, in.d}, weight.options().memory_format(at::MemoryFormat::Contiguous));
+  // V x d, the one large output (grad_buffers.h); the tile loop writes every row
+  at::Tensor grad_weight = empty_grad_buffer({in.V, in.d}, weight.options());
   at::Tensor grad_bias = bias.has_value() ? at::empty({in.V}, in.hidden.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(in.acc_type, "fused_linear_loss_backward_cpu", [&] {
     backward_kernel<scalar_t>(cfg, in, tile, filter_eps, g, st, grad_hidden, grad_weight, grad_bias);
