@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_labeling.py
 	$(PY) benchmarks/bench_reader.py
 	$(PY) benchmarks/bench_cpu_bf16.py
+	$(PY) benchmarks/bench_cpu_gemm_kinds.py
 
 # Compile-check every CUDA kernel file with plain nvcc (no GPU, no torch headers needed),
 # then syntax-check the torch glue (csrc/cuda_ops.cpp) against this torch's headers and the

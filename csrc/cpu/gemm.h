@@ -24,8 +24,9 @@ namespace kdfast::cpu {
 // Whether the tile GEMMs of bf16 inputs use the bf16 GEMM now. The environment
 // variable KDFAST_CPU_BF16_GEMM chooses, read at each call: "0" never; "1"
 // whenever MKL's GEMM is there (any x86-64 CPU: MKL emulates what the CPU lacks);
-// unset or "auto" when it is there and the CPU has AMX-BF16 (the only kind it was
-// measured faster on: without AMX, e.g. on AVX512-BF16 alone, it is left off).
+// unset or "auto" when it is there and the CPU has AMX-BF16: the only kind it is
+// faster on (benchmarks/bench_cpu_gemm_kinds.py: with AVX512-BF16 alone MKL's bf16
+// GEMM ran at 0.6x float32, without BF16 instructions at 1x).
 bool bf16_gemm_enabled();
 
 // One line for users and tests: whether the bf16 GEMM is on, and why.
