@@ -23,6 +23,11 @@
 #include <string>
 #include <utility>
 
+// The per-chunk loops: inline everything they call. GCC otherwise keeps at::vec's
+// exp_u20 out of line, one call per vector (measured on the 2-core Xeon: hard CE
+// forward + backward 3% faster, double distillation 1-5%).
+#define KDFAST_HOT __attribute__((flatten))
+
 namespace kdfast::cpu {
 
 // Classes per chunk: a chunk of logits, teacher logits and log-weights in acc_t
@@ -255,7 +260,7 @@ inline acc_t chunk_max(int64_t n, const VecOp& vec_op, const ScalarOp& scalar_op
 //   one_minus_prob: log(1 - p), log p = (s - max s) - log_sum, through log1mexp
 //                   (exact for p near 1, where 1 - p is what matters)
 template <typename acc_t>
-inline void log_negative_weights(const LossConfig& cfg, const acc_t* s, int64_t n, LogPartition<acc_t> lse_s,
+KDFAST_HOT inline void log_negative_weights(const LossConfig& cfg, const acc_t* s, int64_t n, LogPartition<acc_t> lse_s,
                                  acc_t* log_w) {
   using Vec = at::vec::Vectorized<acc_t>;
   int64_t i = 0;
@@ -313,7 +318,7 @@ struct RowAccumulator {
   // (filled by log_negative_weights when the double term is on). s and log_w may
   // be null while the teacher terms are on: the teacher rules the whole chunk out
   // (logits -inf: no positive mass, weight 1), as outside a stored top-k.
-  void update(const LossConfig& cfg, const acc_t* f, const acc_t* s, const acc_t* log_w,
+  KDFAST_HOT void update(const LossConfig& cfg, const acc_t* f, const acc_t* s, const acc_t* log_w,
               int64_t n, int64_t col0, const RowTarget& target) {
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(cfg.temperature);
     const bool same_t = cfg.temperature == 1.0;
@@ -482,7 +487,7 @@ struct LogSumExp {
   acc_t max = kNegInf<acc_t>;
   acc_t sum = 0;
 
-  void update(const acc_t* x, int64_t n) {
+  KDFAST_HOT void update(const acc_t* x, int64_t n) {
     const acc_t cm = chunk_max<acc_t>(
         n, [&](int64_t i) { return Vec::loadu(x + i); }, [&](int64_t i) { return x[i]; });
     const acc_t m = std::max(max, cm);
@@ -512,7 +517,7 @@ struct LogSumExp {
 //   - hw (1 - eps) at each positive
 // with m the row's multiplicity.
 template <typename acc_t>
-inline void gradient_chunk(const LossConfig& cfg, const acc_t* stats, const acc_t* f, const acc_t* s,
+KDFAST_HOT inline void gradient_chunk(const LossConfig& cfg, const acc_t* stats, const acc_t* f, const acc_t* s,
                            const acc_t* log_w, int64_t n, int64_t col0, const RowTarget& target, acc_t scale,
                            acc_t* grad) {
   using Vec = at::vec::Vectorized<acc_t>;
