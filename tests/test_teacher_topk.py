@@ -101,7 +101,7 @@ def _resolved_ranks(logits64, k, margin):
     ``j + 1`` by more than ``margin`` (per row), so that its class is determined."""
     v = torch.sort(logits64, dim=-1, descending=True).values
     B = v.shape[0]
-    inf = torch.full((B, 1), math.inf, dtype=v.dtype)
+    inf = torch.full((B, 1), math.inf, dtype=v.dtype, device=v.device)
     gaps = v[:, :-1] - v[:, 1:]  # [B, V - 1]: gap between rank j and j + 1
     above = torch.cat([inf, gaps], dim=1)[:, :k]  # rank j - 1 minus rank j
     below = torch.cat([gaps, inf], dim=1)[:, :k]  # rank j minus rank j + 1
@@ -164,7 +164,7 @@ def _check_against_full_logits(res, h, w, b, k, T, *, all_resolved=True, min_res
     assert_close(picked, values, **tol)
     # indices exactly equal wherever the float64 logits are not within the GEMM error of a tie
     margin = 4 * _gemm_error_bound(h, w, b, _acc_dtype(h.dtype)) if h.dtype != torch.float64 else torch.full(
-        (B,), 1e-9, dtype=torch.float64
+        (B,), 1e-9, dtype=torch.float64, device=h.device
     )
     resolved = _resolved_ranks(logits, k, margin)
     if all_resolved:
@@ -254,7 +254,8 @@ def test_matches_topk_logsumexp_entropy(dtype, k_kind, bias, T, tdevice):
     # temperature scales lse/entropy/covered only: the logits are raw
     assert_close(res.logits.double(), _logits64(h, w, b).gather(-1, res.indices), **_tols(dtype)[0])
     if k == V:
-        assert_close(res.covered.double(), torch.ones(B, dtype=torch.float64), **_tols(dtype)[1])
+        assert_close(res.covered.double(), torch.ones(B, dtype=torch.float64, device=res.covered.device),
+                     **_tols(dtype)[1])
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dtype_id)
@@ -297,7 +298,8 @@ def test_covered_is_a_probability(dtype, tdevice):
             res = _run(h, w, b, k, T, 64)
             _check_covered_range(res, slack=0.0)
             if k == 300:
-                assert_close(res.covered.double(), torch.ones(64, dtype=torch.float64), **_tols(dtype)[1])
+                assert_close(res.covered.double(), torch.ones(64, dtype=torch.float64, device=res.covered.device),
+                             **_tols(dtype)[1])
 
 
 # ----------------------------------------------------------------------------- ties
@@ -326,8 +328,8 @@ def test_ties_go_to_the_lower_class_index(dtype, tile, tdevice):
     # row 0 without the bias: all V logits are 0, so class order, lse = entropy = log V
     res = _run(h, w, None, V, 1.0, tile)
     assert res.indices[0].tolist() == list(range(V))
-    assert torch.equal(res.logits[0], torch.zeros(V, dtype=dtype))
-    log_v = torch.tensor(math.log(V), dtype=torch.float64)
+    assert torch.equal(res.logits[0], torch.zeros(V, dtype=dtype, device=res.logits.device))
+    log_v = torch.tensor(math.log(V), dtype=torch.float64, device=res.lse.device)
     assert_close(res.lse[0].double(), log_v, **_tols(dtype)[0])
     assert_close(res.entropy[0].double(), log_v, **_tols(dtype)[0])
 
@@ -354,10 +356,11 @@ def test_odd_shapes_and_tile_sizes(V, d, tile, tdevice):
         res = _run(h, w, b, k, 2.0, tile)
         _check_against_full_logits(res, h, w, b, k, 2.0)
     if V == 1:
-        assert torch.equal(res.indices, torch.zeros(5, 1, dtype=torch.int64))
+        dev = res.indices.device
+        assert torch.equal(res.indices, torch.zeros(5, 1, dtype=torch.int64, device=dev))
         assert_close(res.lse, res.logits[:, 0] / 2.0)
-        assert torch.equal(res.entropy, torch.zeros(5, dtype=torch.float64))
-        assert torch.equal(res.covered, torch.ones(5, dtype=torch.float64))
+        assert torch.equal(res.entropy, torch.zeros(5, dtype=torch.float64, device=dev))
+        assert torch.equal(res.covered, torch.ones(5, dtype=torch.float64, device=dev))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES + HALF_DTYPES, ids=_dtype_id)

@@ -203,7 +203,7 @@ __global__ void topk_finish_kernel(const T* best_logit, const T* stats, int64_t 
   const T shift = max == -T(INFINITY) ? T(0) : max;
   T mass = 0;
   for (int64_t j = 0; j < k; ++j) mass += d_exp((best_logit[i * k + j] - shift) * inv_t - log_sum);
-  covered[i] = mass < T(1) ? mass : T(1);
+  covered[i] = mass > T(1) ? T(1) : mass;  // as std::min on the CPU: a NaN mass (a row of -inf logits) stays NaN
 }
 
 }  // namespace
