@@ -7,7 +7,7 @@
 #   build      TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 pip install --no-build-isolation --no-deps -e .
 #              (PREBUILT=1: skip it and use a kdfast/_C*.so carried from an earlier call)
 #   register   assert that kdfast's CUDA kernels are registered
-#   tests      pytest on the CUDA-parametrized tests only (-k cuda; every failure shown, not just the first)
+#   tests      pytest on the CUDA tests only (-k "cuda or another_device"; every failure shown, not just the first)
 #   sanitizer  compute-sanitizer memcheck and racecheck on benchmarks/cuda_smoke.py
 #   bench      benchmarks/bench_fused_linear.py --device cuda (raw results as JSON)
 #   alltests   python3 -m pytest tests -q -x -p no:cacheprovider (the whole suite; last, as the CPU half of
@@ -24,7 +24,7 @@
 #   PREBUILT=1            skip the build (kdfast/_C*.so must be there, e.g. carried)
 #   SAVE_SO=1             copy the built kdfast/_C*.so (debug info stripped) to the output folder, to carry
 #                         it into a later call as kdfast/_C....so with PREBUILT=1 (SAVE_SO=0: don't)
-#   TESTS_TIMEOUT=240     TESTS_ARGS="-k cuda --maxfail=25"   the tests step (pytest tests -q -p no:cacheprovider ...)
+#   TESTS_TIMEOUT=240     TESTS_ARGS="-k 'cuda or another_device' --maxfail=25"   the tests step (pytest tests -q -p no:cacheprovider ...)
 #   ALLTESTS_TIMEOUT=400  ALLTESTS_ARGS="-x"                  the alltests step
 #   SANITIZER_TOOLS="memcheck racecheck"          SANITIZER_TIMEOUT=150 (each tool)
 #   BENCH_ARGS=""         extra arguments of bench_fused_linear.py (e.g. "--cases ce,pal --impls kdfast,cce")
@@ -176,7 +176,7 @@ fi
 
 # ------------------------------------------------------------------ tests
 if want tests; then
-  eval "tests_args=(${TESTS_ARGS:--k cuda --maxfail=25})"
+  eval "tests_args=(${TESTS_ARGS:--k \"cuda or another_device\" --maxfail=25})"
   run_step tests "$OUT_DIR/tests.log" "$(budget "${TESTS_TIMEOUT:-240}")" \
     "$PY" -m pytest tests -q -p no:cacheprovider "${tests_args[@]}"
 fi

@@ -14,6 +14,7 @@ an explicit reference below (weights from the stored log-partition, positives re
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -796,6 +797,28 @@ def test_backward_rejects_inputs_on_another_device(moved):
         BACKWARD_OP(*((g,) + args[:13] + (stats,) + args[13:]))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device: CUDA")
+@pytest.mark.parametrize("on_host", ["target", "multi_target", "teacher_topk", "teacher_logits"])
+def test_targets_and_teachers_on_another_device(on_host):
+    """CUDA student tensors with a host target or teacher: a clear error naming it, not a host
+    pointer handed to the CUDA kernels."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("kdfast::fused_linear_loss_forward", "CUDA"):
+        pytest.skip("kdfast was built without its CUDA kernels")
+    form = {"teacher_topk": "topk", "teacher_logits": "dense"}.get(on_host, "dense")
+    p = _problem(5, 4, 33, seed=24, form=form, ignore=(), k=3)
+    h, w = _leaf(p.hidden.cuda()), p.weight.cuda()
+    target = _multi_target(5, 33, torch.Generator().manual_seed(25), "cpu") if on_host == "multi_target" else p.target
+    if on_host not in ("target", "multi_target"):
+        target = target.cuda()
+    teacher = p.teacher if on_host in ("teacher_topk", "teacher_logits") else (
+        p.teacher.to("cuda") if form == "topk" else p.teacher.cuda())
+    key = "teacher_topk" if form == "topk" else "teacher_logits"
+    name = {"target": "target", "multi_target": "target.indptr", "teacher_topk": "teacher_topk.indices",
+            "teacher_logits": "teacher_logits"}[on_host]
+    with pytest.raises(ValueError, match=rf"{re.escape(name)} is on cpu but student_hidden is on cuda"):
+        kdfast.fused_linear_distillation_loss(h, w, target, **{key: teacher}, hard_weight=0.5, soft_weight=0.5)
+
+
 @pytest.mark.parametrize("case", ["dense_int_bias", "linear_multi"])
 def test_opcheck_backward(case, fdevice):
     p, kwargs, tile = _opcheck_problems(fdevice)[case]
@@ -1417,9 +1440,9 @@ def test_numpy_scalar_keywords_are_accepted():
     [(6, -100), (1000, -100), (-1, -100), (-100, -1)],
     ids=["V", "far_above_V", "minus_1", "default_ignore_index_not_ignored"],
 )
-def test_target_out_of_range_raises(bad_target, ignore_index):
+def test_target_out_of_range_raises(bad_target, ignore_index, fdevice):
     """Target values are checked by the kernel (a ValueError naming target), also by the raw op."""
-    p = _problem(4, 3, 6, seed=33, form="dense", ignore=())
+    p = _problem(4, 3, 6, seed=33, form="dense", ignore=(), device=fdevice)
     p.target[2] = bad_target
     h = _leaf(p.hidden)
     with pytest.raises(ValueError, match=rf"target\[2\] = {bad_target}\b"):
@@ -1450,8 +1473,9 @@ def test_target_out_of_range_raises(bad_target, ignore_index):
         "teacher_weight_V",
     ],
 )
-def test_raw_op_rejects_bad_input_too(case):
-    """The op checks what the Python layer may not (values, and shapes when called directly)."""
+def test_raw_op_rejects_bad_input_too(case, fdevice):
+    """The op checks what the Python layer may not (values, and shapes when called directly), on
+    every device (on CUDA: the glue's checks, csrc/cuda_ops.cpp)."""
     args, kwargs, exception, pattern = _bad_cases()[case]
     h, W, target = args
     kw = dict(TERMS["hard"], **kwargs)
@@ -1462,5 +1486,6 @@ def test_raw_op_rejects_bad_input_too(case):
     elif "teacher_hidden" in teacher:
         form, t = "linear", (teacher["teacher_hidden"], teacher["teacher_weight"], None)
     p = Problem(h, W, None, target, form, t)
+    op_args = [a.to(fdevice) if isinstance(a, torch.Tensor) else a for a in _op_args(p, kw)]
     with pytest.raises(exception, match=pattern):
-        FORWARD_OP(*_op_args(p, kw))
+        FORWARD_OP(*op_args)

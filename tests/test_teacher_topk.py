@@ -491,9 +491,10 @@ def test_independent_of_tile_size_exact_data(tdevice):
         _assert_equal_results(_run(h, w, b, 64, 1.0, tile), base, stats_tol=tol)
 
 
-def test_independent_of_thread_count(tdevice):
-    """One thread and several: the same indices; values equal up to summation order."""
-    h, w, b = _random(8, 32, 6007, dtype=torch.float32, seed=15, scale=6.0, device=tdevice)
+def test_independent_of_thread_count():
+    """One thread and several: the same indices; values equal up to summation order. (CPU only:
+    the thread count does not reach the CUDA kernels.)"""
+    h, w, b = _random(8, 32, 6007, dtype=torch.float32, seed=15, scale=6.0, device="cpu")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -690,6 +691,16 @@ def _bad_cases():
         "temperature_below_float32": ((h, w, b), {"k": 2, "temperature": 1e-39}, ValueError,
                                       r"temperature must be in \[2\.9\d*e-39, .*Float accumulation"),
     }
+
+
+def test_k_above_2048_is_a_cuda_limit(tdevice):
+    """k = 2049: the CPU labels it (checked against the full logits); CUDA refuses it by name."""
+    h, w, b = _random(2, 4, 2100, dtype=torch.float64, seed=22, device=tdevice)  # float64: no near ties
+    if tdevice == "cpu":
+        _check_against_full_logits(_run(h, w, b, 2049, 1.0, 512), h, w, b, 2049, 1.0)
+    else:
+        with pytest.raises(ValueError, match=r"k must be at most 2048 on CUDA, got 2049"):
+            _run(h, w, b, 2049)
 
 
 @pytest.mark.parametrize("case", list(_bad_cases()))
