@@ -58,10 +58,10 @@ def empty_cpu_cache() -> int:
     (``V x d``: 171 MB at Amazon-670K's 670,091 classes and d = 64) on transparent huge pages,
     and when that tensor is freed (``optimizer.zero_grad()`` sets ``.grad`` to None) keeps one
     such block for the next backward asking for the same size. A training step then neither
-    faults nor zeroes fresh pages: ~30-70 ms of a 0.45 s hard-CE step on a 2-core Xeon (see
-    ``BENCHMARKS.md``). The peak is unchanged: the next step holds the block at the same point.
-    Between steps it stays resident, like a ``.grad`` kept by ``zero_grad(set_to_none=False)``;
-    call this after training to return it. ``KDFAST_CPU_GRAD_CACHE=0`` (read at each
+    faults nor zeroes fresh pages: the hard-CE step at Amazon-670K's shape went from 0.47 to
+    0.42-0.43 s on a 2-core Xeon (see ``BENCHMARKS.md``). The peak is unchanged (the next step
+    uses the block at the same point), but between steps the block stays resident where malloc
+    would have returned it to the kernel; call this after training to return it. ``KDFAST_CPU_GRAD_CACHE=0`` (read at each
     allocation) turns the huge pages and the kept block off. Blocks under 2 MiB are never kept.
     """
     return _C.empty_cpu_cache()

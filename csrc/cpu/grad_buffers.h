@@ -6,7 +6,8 @@
 // (optimizer.zero_grad() sets .grad to None) and the next backward allocates it
 // again; malloc hands such a block straight back to the kernel, so every step
 // faulted 42,000 fresh, zeroed 4 KiB pages in while the tile loop wrote them
-// (~75 ms for 171 MB on the 2-core Xeon, of a 0.45 s hard-CE step).
+// (a malloc + memset + free loop of 171 MB: 76 ms a round on the 2-core Xeon;
+// the hard-CE step there went from 0.47 to 0.42-0.43 s without it).
 //
 // Here a block of at least 2 MiB is
 // - on 2 MiB-aligned memory advised for transparent huge pages (madvise
@@ -14,9 +15,9 @@
 //   THP_MEM_ALLOC_ENABLE=1): ~85 faults instead of 42,000 when it is fresh;
 // - kept when its tensor is freed, one block at a time, and handed to the next
 //   request of the same rounded size: no faults and no zeroing at all in a
-//   steady training loop. The next step holds it again at the same point, so
-//   the peak is unchanged; between steps it stays resident, as a .grad kept by
-//   zero_grad(set_to_none=False) would. empty_cpu_cache() frees it.
+//   steady training loop. The peak is unchanged (the block is in use again at
+//   the same point of the next step), but between steps it stays resident
+//   where malloc would have returned it to the kernel. empty_cpu_cache() frees it.
 //
 // KDFAST_CPU_GRAD_CACHE=0 (read at each allocation) turns both off: plain
 // at::empty. Smaller tensors are always plain at::empty.

@@ -260,8 +260,8 @@ inline acc_t chunk_max(int64_t n, const VecOp& vec_op, const ScalarOp& scalar_op
 //   one_minus_prob: log(1 - p), log p = (s - max s) - log_sum, through log1mexp
 //                   (exact for p near 1, where 1 - p is what matters)
 template <typename acc_t>
-KDFAST_HOT inline void log_negative_weights(const LossConfig& cfg, const acc_t* s, int64_t n, LogPartition<acc_t> lse_s,
-                                 acc_t* log_w) {
+KDFAST_HOT inline void log_negative_weights(const LossConfig& cfg, const acc_t* s, int64_t n,
+                                            LogPartition<acc_t> lse_s, acc_t* log_w) {
   using Vec = at::vec::Vectorized<acc_t>;
   int64_t i = 0;
   if (cfg.negative_weighting == NegativeWeighting::Sigmoid) {
@@ -318,8 +318,8 @@ struct RowAccumulator {
   // (filled by log_negative_weights when the double term is on). s and log_w may
   // be null while the teacher terms are on: the teacher rules the whole chunk out
   // (logits -inf: no positive mass, weight 1), as outside a stored top-k.
-  KDFAST_HOT void update(const LossConfig& cfg, const acc_t* f, const acc_t* s, const acc_t* log_w,
-              int64_t n, int64_t col0, const RowTarget& target) {
+  KDFAST_HOT void update(const LossConfig& cfg, const acc_t* f, const acc_t* s, const acc_t* log_w, int64_t n,
+                         int64_t col0, const RowTarget& target) {
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(cfg.temperature);
     const bool same_t = cfg.temperature == 1.0;
 
@@ -517,9 +517,9 @@ struct LogSumExp {
 //   - hw (1 - eps) at each positive
 // with m the row's multiplicity.
 template <typename acc_t>
-KDFAST_HOT inline void gradient_chunk(const LossConfig& cfg, const acc_t* stats, const acc_t* f, const acc_t* s,
-                           const acc_t* log_w, int64_t n, int64_t col0, const RowTarget& target, acc_t scale,
-                           acc_t* grad) {
+KDFAST_HOT inline void gradient_chunk(const LossConfig& cfg, const acc_t* stats, const acc_t* f,
+                                      const acc_t* s, const acc_t* log_w, int64_t n, int64_t col0,
+                                      const RowTarget& target, acc_t scale, acc_t* grad) {
   using Vec = at::vec::Vectorized<acc_t>;
   const acc_t inv_t = acc_t(1) / static_cast<acc_t>(cfg.temperature);
   // per-term coefficients, folded with the upstream gradient and the multiplicity
