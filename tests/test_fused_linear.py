@@ -804,19 +804,17 @@ def test_targets_and_teachers_on_another_device(on_host):
     pointer handed to the CUDA kernels."""
     if not torch._C._dispatch_has_kernel_for_dispatch_key("kdfast::fused_linear_loss_forward", "CUDA"):
         pytest.skip("kdfast was built without its CUDA kernels")
-    form = {"teacher_topk": "topk", "teacher_logits": "dense"}.get(on_host, "dense")
-    p = _problem(5, 4, 33, seed=24, form=form, ignore=(), k=3)
-    h, w = _leaf(p.hidden.cuda()), p.weight.cuda()
-    target = _multi_target(5, 33, torch.Generator().manual_seed(25), "cpu") if on_host == "multi_target" else p.target
-    if on_host not in ("target", "multi_target"):
-        target = target.cuda()
-    teacher = p.teacher if on_host in ("teacher_topk", "teacher_logits") else (
-        p.teacher.to("cuda") if form == "topk" else p.teacher.cuda())
-    key = "teacher_topk" if form == "topk" else "teacher_logits"
-    name = {"target": "target", "multi_target": "target.indptr", "teacher_topk": "teacher_topk.indices",
-            "teacher_logits": "teacher_logits"}[on_host]
+    # everything on CUDA, then the one argument under test back on the host
+    form = "topk" if on_host == "teacher_topk" else "dense"
+    p = _problem(5, 4, 33, seed=24, form=form, ignore=(), k=3, device="cuda")
+    kwargs = {"target": p.target, "teacher_topk" if form == "topk" else "teacher_logits": p.teacher}
+    if on_host == "multi_target":
+        kwargs["target"] = _multi_target(5, 33, torch.Generator().manual_seed(25), "cpu")
+    else:
+        kwargs[on_host] = kwargs[on_host].to("cpu")
+    name = {"multi_target": "target.indptr", "teacher_topk": "teacher_topk.indices"}.get(on_host, on_host)
     with pytest.raises(ValueError, match=rf"{re.escape(name)} is on cpu but student_hidden is on cuda"):
-        kdfast.fused_linear_distillation_loss(h, w, target, **{key: teacher}, hard_weight=0.5, soft_weight=0.5)
+        kdfast.fused_linear_distillation_loss(_leaf(p.hidden), p.weight, **kwargs, hard_weight=0.5, soft_weight=0.5)
 
 
 @pytest.mark.parametrize("case", ["dense_int_bias", "linear_multi"])
