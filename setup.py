@@ -3,6 +3,7 @@
 The CPU kernels are always built. The CUDA kernels are built when the installed
 torch is a CUDA build (``torch.version.cuda``) and nvcc is found — never decided
 by a visible GPU. ``KDFAST_SKIP_CUDA=1`` / ``KDFAST_FORCE_CUDA=1`` override.
+``KDFAST_CPU_ARCH`` picks the CPU kernels' instruction set (default: this machine's).
 Install with ``pip install --no-build-isolation -e .`` so that the build uses
 the torch already installed.
 """
@@ -24,21 +25,33 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+_AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                 "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+_AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+
+
 def _cpu_flags() -> list[str]:
     """at::vec picks its implementation from CPU_CAPABILITY_*: use AVX-512 or else
     AVX2 when the building machine has it (the editable build runs where it is
     used); otherwise the portable scalar-loop Vectorized. On the 2-core AMD EPYC
-    (Zen 4) AVX-512 cuts the fused losses' elementwise time by ~10-20%."""
+    (Zen 4) AVX-512 cuts the fused losses' elementwise time by ~10-20%.
+    ``KDFAST_CPU_ARCH=avx512|avx2|generic`` builds for another machine instead
+    (benchmarks/prepare_device.sh builds the GPU machine's with avx2)."""
+    arch = os.environ.get("KDFAST_CPU_ARCH", "native").lower()
+    choices = {"avx512": _AVX512_FLAGS, "avx2": _AVX2_FLAGS, "generic": []}
+    if arch in choices:
+        return choices[arch]
+    if arch != "native":
+        raise ValueError(f"KDFAST_CPU_ARCH must be native, avx512, avx2 or generic, got {arch!r}")
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
     except OSError:
         flags = set()
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+        return _AVX512_FLAGS
     if {"avx2", "fma", "f16c"} <= flags:
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+        return _AVX2_FLAGS
     return []
 
 

@@ -21,7 +21,8 @@
 # Environment:
 #   STEPS="wheels info build register tests sanitizer bench alltests"   the steps to run (always in this order)
 #   DEADLINE=570          seconds for the whole script
-#   PREBUILT=1            skip the build (kdfast/_C*.so must be there, e.g. carried)
+#   PREBUILT=1            skip the build when a carried kdfast/_C*.so loads (benchmarks/prepare_device.sh
+#                         makes one here); build as usual when it does not
 #   SAVE_SO=1             copy the built kdfast/_C*.so (debug info stripped) to the output folder, to carry
 #                         it into a later call as kdfast/_C....so with PREBUILT=1 (SAVE_SO=0: don't)
 #   TESTS_TIMEOUT=240     TESTS_ARGS="-k 'cuda or another_device' --maxfail=25"   the tests step (pytest tests -q -p no:cacheprovider ...)
@@ -33,10 +34,12 @@
 #                         another call or give the bench less)
 #
 # Usage (device tool). Since 2026-12 a session has 15 minutes of device time in all, machine start
-# included, so plan for ONE call (a second is possible only if the first ends early): with carry
-# [".whl"] and timeout_s 600,
-#   STEPS="wheels info build register tests sanitizer bench" SANITIZER_TOOLS=memcheck TESTS_TIMEOUT=180 \
+# included, so plan for ONE call (a second is possible only if the first ends early). First, here:
+#   bash benchmarks/prepare_device.sh     # .whl/, the device's .so, and the CPU tests under its torch
+# then with carry [".whl", "kdfast/_C.cpython-312-x86_64-linux-gnu.so"] and timeout_s 600,
+#   PREBUILT=1 STEPS="wheels info build register tests sanitizer bench" SANITIZER_TOOLS=memcheck TESTS_TIMEOUT=180 \
 #     BENCH_ARGS="--impls kdfast,eager,cce,liger --cases ce,ce_kd_linear,dd_linear,topk" bash benchmarks/gpu_check.sh
+# (without the .so, or where it does not load, the build step builds there: a few minutes less for the rest)
 # (the bench step gets what is left before DEADLINE and stops starting workers 20 s before it).
 # With more device time, a first call as above without the limits, then, with the stripped .so it
 # returned copied to kdfast/ and carried too (carry [".whl",
@@ -139,7 +142,17 @@ fi
 
 # ------------------------------------------------------------------ build
 if want build; then
+  prebuilt_ok=0
   if [[ "${PREBUILT:-0}" == 1 ]] && compgen -G "kdfast/_C*.so" >/dev/null; then
+    # a .so made elsewhere (benchmarks/prepare_device.sh) may not load here: then build after all
+    if "$PY" -c "import kdfast._C" >>"$LOG" 2>&1; then
+      prebuilt_ok=1
+    else
+      log "PREBUILT=1: kdfast/_C*.so does not load here (see above): building"
+      rm -f kdfast/_C*.so
+    fi
+  fi
+  if (( prebuilt_ok )); then
     record build "SKIPPED (PREBUILT=1: using $(ls kdfast/_C*.so | head -1))"
   else
     TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}" \

@@ -298,6 +298,8 @@ class _Features:
             val = val.float()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            # torch 2.11 warns of the skipped checks even when check_invariants=False asks for it
+            warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
             x = torch.sparse_csr_tensor(crow, col, val, size=(stop - start, self.cols), check_invariants=False)
             if dense:
                 x = x.to_dense()
