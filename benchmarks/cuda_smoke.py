@@ -326,14 +326,12 @@ def main(argv: list[str] | None = None) -> int:
               "torch.cuda.is_available() is False): nothing was checked", file=sys.stderr)
         return 2
     try:
-        import kdfast  # noqa: F401  (registers the ops)
+        import kdfast  # (registers the ops)
     except ImportError as exc:
         print(f"cuda_smoke: kdfast does not import ({exc}); build it first", file=sys.stderr)
         return 3
     if args.device.startswith("cuda"):
-        ops = ("distillation_loss_forward", "distillation_loss_backward", "fused_linear_loss_forward",
-               "fused_linear_loss_backward", "teacher_topk")
-        missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"kdfast::{op}", "CUDA")]
+        missing = kdfast.ops.missing_cuda_kernels()
         if missing:
             print(f"cuda_smoke: kdfast has no CUDA kernel for {', '.join(missing)} (built without CUDA?)",
                   file=sys.stderr)

@@ -180,11 +180,9 @@ fi
 if want register; then
   run_step register "$LOG" "$(budget 60)" "$PY" -c '
 import sys, torch, kdfast
-ops = ["distillation_loss_forward", "distillation_loss_backward", "fused_linear_loss_forward",
-       "fused_linear_loss_backward", "teacher_topk"]
-have = {op: torch._C._dispatch_has_kernel_for_dispatch_key("kdfast::" + op, "CUDA") for op in ops}
-print("kdfast", kdfast.__version__, "from", kdfast.__file__, "- CUDA kernels:", have)
-sys.exit(0 if all(have.values()) and torch.cuda.is_available() else 1)'
+missing = kdfast.ops.missing_cuda_kernels()
+print("kdfast", kdfast.__version__, "from", kdfast.__file__, "- CUDA kernels missing for:", missing or "none")
+sys.exit(0 if not missing and torch.cuda.is_available() else 1)'
 fi
 
 # ------------------------------------------------------------------ tests

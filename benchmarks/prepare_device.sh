@@ -76,12 +76,10 @@ if want so; then
      KDFAST_CPU_ARCH=avx2 KDFAST_FORCE_CUDA=1 "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e .)
   strip --strip-debug -o "kdfast/$SO_NAME" "$SRC/kdfast/$SO_NAME"
   (cd "$SRC" && "$VENV/bin/python" -c '
-import torch, kdfast
-ops = ["distillation_loss_forward", "distillation_loss_backward", "fused_linear_loss_forward",
-       "fused_linear_loss_backward", "teacher_topk"]
-missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key("kdfast::" + op, "CUDA")]
+import kdfast
+missing = kdfast.ops.missing_cuda_kernels()
 assert not missing, f"no CUDA kernel registered for {missing}"
-print("CUDA kernels registered for", ", ".join(ops))')
+print("CUDA kernels registered for", ", ".join(kdfast.ops.CUDA_OPS))')
   log "kdfast/$SO_NAME ($(du -h "kdfast/$SO_NAME" | cut -f1))"
 fi
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from . import _C  # loading the extension registers the ops
 
 __all__ = [
+    "CUDA_OPS",
     "NUM_ROW_STATS",
     "cpu_bf16_gemm_status",
     "cpu_cache_bytes",
@@ -28,6 +29,7 @@ __all__ = [
     "empty_cpu_cache",
     "fused_linear_loss_backward",
     "fused_linear_loss_forward",
+    "missing_cuda_kernels",
     "teacher_topk",
 ]
 
@@ -70,6 +72,18 @@ def empty_cpu_cache() -> int:
 def cpu_cache_bytes() -> int:
     """Bytes of the ``grad_weight`` block kept for reuse (0 if none): see :func:`empty_cpu_cache`."""
     return _C.cpu_cache_bytes()
+
+
+# The ops a CUDA build also implements for CUDA (csrc/cuda_ops.cpp's TORCH_LIBRARY_IMPL block);
+# eigenprojection and effective_student_logits are CPU only.
+CUDA_OPS = ("distillation_loss_forward", "distillation_loss_backward", "fused_linear_loss_forward",
+            "fused_linear_loss_backward", "teacher_topk")
+
+
+def missing_cuda_kernels() -> list[str]:
+    """The ops of :data:`CUDA_OPS` that have no CUDA kernel registered: all of them when kdfast
+    was built without CUDA, none for a CUDA build. Says nothing of whether a GPU is visible."""
+    return [op for op in CUDA_OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"kdfast::{op}", "CUDA")]
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -776,6 +777,19 @@ def test_opcheck_forward(case, fdevice):
     assert losses.shape == (p.B,) and losses.dtype == p.hidden.dtype
     assert stats.shape == (p.B, kdfast.ops.NUM_ROW_STATS)
     assert stats.dtype == kdfast.ops.stats_dtype(p.hidden.dtype)
+
+
+def test_cuda_ops_are_the_ones_the_cuda_glue_registers():
+    """kdfast.ops.CUDA_OPS is csrc/cuda_ops.cpp's TORCH_LIBRARY_IMPL(kdfast, CUDA) block, and a
+    build has either all of their CUDA kernels or none (none with a CPU torch)."""
+    source = (Path(__file__).resolve().parents[1] / "csrc" / "cuda_ops.cpp").read_text()
+    block = source[source.index("TORCH_LIBRARY_IMPL(kdfast, CUDA, m)"):]
+    assert tuple(re.findall(r'm\.impl\("(\w+)"', block)) == kdfast.ops.CUDA_OPS
+    missing = kdfast.ops.missing_cuda_kernels()
+    if torch.version.cuda is None:
+        assert missing == list(kdfast.ops.CUDA_OPS)
+    else:
+        assert missing in ([], list(kdfast.ops.CUDA_OPS))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device: CUDA")
