@@ -9,6 +9,9 @@
 #   register   assert that kdfast's CUDA kernels are registered
 #   tests      pytest on the CUDA tests only (-k "cuda or another_device"; every failure shown, not just the first)
 #   sanitizer  compute-sanitizer memcheck and racecheck on benchmarks/cuda_smoke.py
+#   profile    benchmarks/profile_fused.py --device cuda: one forward and one backward of each case under
+#              torch.profiler, the device time split into tile GEMMs, kdfast's kernels and the glue between
+#              (what a fused GEMM + loss kernel has to remove)
 #   bench      benchmarks/bench_fused_linear.py --device cuda (raw results as JSON)
 #   alltests   python3 -m pytest tests -q -x -p no:cacheprovider (the whole suite; last, as the CPU half of
 #              it also runs in CI, and it is the step most likely to be cut by the deadline)
@@ -19,7 +22,7 @@
 # device tool stops a command at 600), and each step gets what is left when it starts.
 #
 # Environment:
-#   STEPS="wheels info build register tests sanitizer bench alltests"   the steps to run (always in this order)
+#   STEPS="wheels info build register tests sanitizer profile bench alltests"   the steps to run (always in this order)
 #   DEADLINE=570          seconds for the whole script
 #   PREBUILT=1            skip the build when a carried kdfast/_C*.so loads (benchmarks/prepare_device.sh
 #                         makes one here); build as usual when it does not
@@ -28,6 +31,7 @@
 #   TESTS_TIMEOUT=240     TESTS_ARGS="-k 'cuda or another_device' --maxfail=25"   the tests step (pytest tests -q -p no:cacheprovider ...)
 #   ALLTESTS_TIMEOUT=400  ALLTESTS_ARGS="-x"                  the alltests step
 #   SANITIZER_TOOLS="memcheck racecheck"          SANITIZER_TIMEOUT=150 (each tool)
+#   PROFILE_TIMEOUT=90    PROFILE_ARGS="--cases ce,ce_kd_linear,dd_linear,topk"   the profile step
 #   BENCH_ARGS=""         extra arguments of bench_fused_linear.py (e.g. "--cases ce,pal --impls kdfast,cce")
 #   KDFAST_COMMIT=        the commit the results are recorded under (the device's copy may have no .git)
 #   BENCH_TIMEOUT=        seconds for the bench step (default: all that is left, so put alltests in
@@ -37,7 +41,7 @@
 # included, so plan for ONE call (a second is possible only if the first ends early). First, here:
 #   bash benchmarks/prepare_device.sh     # .whl/, the device's .so, and the CPU tests under its torch
 # then with carry [".whl", "kdfast/_C.cpython-312-x86_64-linux-gnu.so"] and timeout_s 600,
-#   PREBUILT=1 STEPS="wheels info build register tests sanitizer bench" SANITIZER_TOOLS=memcheck TESTS_TIMEOUT=180 \
+#   PREBUILT=1 STEPS="wheels info build register tests sanitizer profile bench" SANITIZER_TOOLS=memcheck TESTS_TIMEOUT=180 \
 #     BENCH_ARGS="--impls kdfast,eager,cce,liger --cases ce,ce_kd_linear,dd_linear,topk" bash benchmarks/gpu_check.sh
 # (without the .so, or where it does not load, the build step builds there: a few minutes less for the rest)
 # (the bench step gets what is left before DEADLINE and stops starting workers 20 s before it).
@@ -53,7 +57,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 1
 OUT_DIR="${OUT:-$REPO/benchmarks/results/gpu-run}"
 mkdir -p "$OUT_DIR"
-STEPS="${STEPS:-wheels info build register tests sanitizer bench alltests}"
+STEPS="${STEPS:-wheels info build register tests sanitizer profile bench alltests}"
 DEADLINE="${DEADLINE:-570}"
 PY="${PYTHON:-python3}"
 START=$(date +%s)
@@ -223,6 +227,14 @@ if want sanitizer; then
   fi
 fi
 
+# ------------------------------------------------------------------ profile
+if want profile; then
+  eval "profile_args=(${PROFILE_ARGS:---cases ce,ce_kd_linear,dd_linear,topk})"
+  # the numbers are in the log; the JSON stays on the machine (the device tool brings back 8 files)
+  run_step profile "$OUT_DIR/profile.log" "$(budget "${PROFILE_TIMEOUT:-90}")" \
+    "$PY" benchmarks/profile_fused.py --device cuda --json /tmp/kdfast_profile_fused.json "${profile_args[@]}"
+fi
+
 # ------------------------------------------------------------------ bench
 if want bench; then
   BENCH_SECS=$(budget "${BENCH_TIMEOUT:-3600}")
@@ -252,6 +264,10 @@ fi
   if [[ -f "$OUT_DIR/sanitizer.log" ]]; then
     echo "--- sanitizer / cuda_smoke"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^FAIL |cuda_smoke: " "$OUT_DIR/sanitizer.log" | tail -12
+  fi
+  if [[ -f "$OUT_DIR/profile.log" ]]; then
+    echo "--- profile (device time by kind)"
+    grep -E "^[a-z_]+: |^  (forward|backward) " "$OUT_DIR/profile.log" | head -14
   fi
   if [[ -f "$OUT_DIR/bench.log" ]]; then
     echo "--- bench (goals)"

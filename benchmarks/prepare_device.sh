@@ -19,7 +19,7 @@
 # Environment: STEPS="wheels so tests" (any of them, in this order), WORK, DEVICE_TORCH,
 # PYTHON312, NVCC_HOME, TORCH_CUDA_ARCH_LIST (default 9.0a).
 # Then, with the device tool: carry [".whl", "kdfast/_C.cpython-312-x86_64-linux-gnu.so"] and
-#   PREBUILT=1 STEPS="wheels info build register tests sanitizer bench" ... bash benchmarks/gpu_check.sh
+#   PREBUILT=1 STEPS="wheels info build register tests sanitizer profile bench" ... bash benchmarks/gpu_check.sh
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
