@@ -1,5 +1,6 @@
 # make run   — the main job: experiments/amazon670k.py (seed 003 Table 1)
-# make test  — the test suite, plus an nvcc compile-check of csrc/cuda/*.cu where nvcc exists
+# make test  — the test suite, plus an nvcc compile-check of csrc/cuda/*.cu where nvcc exists,
+#              then the CUDA ops' tests again through the CUDA code emulated on the CPU
 # make bench — the benchmarks
 # Each target first does whatever set-up is missing: a virtual environment in .venv
 # (seeing the system's packages, so a torch already installed there is used), torch 2.13.0
@@ -14,7 +15,7 @@ NVCC    ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_CHECK_DIR := build/cuda-check
 CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
 
-.PHONY: run test bench install cuda-check clean
+.PHONY: run test test-cuda-emu bench install cuda-check clean
 
 $(PY):
 	python3 -m venv --system-site-packages $(VENV)
@@ -33,6 +34,15 @@ run: $(STAMP)
 
 test: $(STAMP) cuda-check
 	$(PY) -m pytest tests -q
+	$(MAKE) --no-print-directory test-cuda-emu
+
+# The tests of kdfast's CUDA ops again, with the CPU kernels of those ops replaced by the CUDA
+# glue and kernels built as CPU code and run by an emulator (tests/cuda_emu/README.md): the
+# code a CUDA build runs, tested without a GPU.
+CUDA_EMU_TESTS := tests/test_fused_linear.py tests/test_distillation_loss.py tests/test_teacher_topk.py \
+	tests/test_cuda_emulated.py
+test-cuda-emu: $(STAMP)
+	KDFAST_CUDA_EMU=1 $(PY) -m pytest $(CUDA_EMU_TESTS) -q
 
 # every benchmark script in turn (about 30 minutes on 2 cores: the fused benchmark alone takes
 # ~20 with its torch.compile baseline); each writes its rows and its

@@ -783,7 +783,7 @@ def test_cuda_ops_are_the_ones_the_cuda_glue_registers():
     """kdfast.ops.CUDA_OPS is csrc/cuda_ops.cpp's TORCH_LIBRARY_IMPL(kdfast, CUDA) block, and a
     build has either all of their CUDA kernels or none (none with a CPU torch)."""
     source = (Path(__file__).resolve().parents[1] / "csrc" / "cuda_ops.cpp").read_text()
-    block = source[source.index("TORCH_LIBRARY_IMPL(kdfast, CUDA, m)"):]
+    block = source[source.index("TORCH_LIBRARY_IMPL(kdfast, KDFAST_CUDA_DISPATCH_KEY, m)"):]
     assert tuple(re.findall(r'm\.impl\("(\w+)"', block)) == kdfast.ops.CUDA_OPS
     missing = kdfast.ops.missing_cuda_kernels()
     if torch.version.cuda is None:

@@ -693,10 +693,10 @@ def _bad_cases():
     }
 
 
-def test_k_above_2048_is_a_cuda_limit(tdevice):
+def test_k_above_2048_is_a_cuda_limit(tdevice, runs_cuda_code):
     """k = 2049: the CPU labels it (checked against the full logits); CUDA refuses it by name."""
     h, w, b = _random(2, 4, 2100, dtype=torch.float64, seed=22, device=tdevice)  # float64: no near ties
-    if tdevice == "cpu":
+    if not runs_cuda_code:
         _check_against_full_logits(_run(h, w, b, 2049, 1.0, 512), h, w, b, 2049, 1.0)
     else:
         with pytest.raises(ValueError, match=r"k must be at most 2048 on CUDA, got 2049"):

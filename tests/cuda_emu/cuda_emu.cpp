@@ -1,0 +1,361 @@
+// The fiber scheduler of the CUDA emulation (cuda_emu.h): one block at a time,
+// its threads as fibers on the calling thread.
+#include "cuda_emu.h"
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#include <cstdio>
+#include <cstdlib>
+#include <atomic>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__)
+// A fiber switch without ucontext's signal-mask system call (10x faster, and the
+// suite switches fibers millions of times): push the callee-saved registers and
+// the SSE/x87 control words, swap stack pointers, pop the other side's.
+extern "C" void cuda_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .globl cuda_emu_switch
+  .type cuda_emu_switch, @function
+cuda_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cuda_emu_switch, .-cuda_emu_switch
+)");
+#endif
+
+namespace cuda_emu {
+namespace {
+
+// A saved execution context: a fiber's or the scheduler's.
+struct Context {
+#if defined(__x86_64__)
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+};
+
+void switch_context(Context& from, Context& to) {
+#if defined(__x86_64__)
+  cuda_emu_switch(&from.sp, to.sp);
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+}
+
+// A context that starts entry() on the given stack; entry must never return.
+void make_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+#if defined(__x86_64__)
+  // what cuda_emu_switch pops: the control words (the current ones), six
+  // registers, then entry as the return address, at a 16-byte boundary so that
+  // entry starts with the stack as a call leaves it
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15);
+  uint64_t* sp = reinterpret_cast<uint64_t*>(top) - 2;  // sp[1]: a dummy above the return address
+  sp[0] = reinterpret_cast<uint64_t>(entry);
+  sp[1] = 0;
+  sp -= 6;
+  for (int r = 0; r < 6; ++r) sp[r] = 0;
+  sp -= 1;
+  uint32_t mxcsr;
+  uint16_t fpcw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpcw));
+  std::memcpy(reinterpret_cast<char*>(sp), &mxcsr, 4);
+  std::memcpy(reinterpret_cast<char*>(sp) + 4, &fpcw, 2);
+  c.sp = sp;
+#else
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+#endif
+}
+
+constexpr size_t kStackBytes = 64 * 1024;
+constexpr unsigned kMaxThreads = 1024;
+
+struct Fiber {
+  Context context;
+  std::unique_ptr<char[]> stack;
+  dim3 index;
+  int linear = 0;
+  bool done = false;
+  // where the fiber waits: 0 running, 1 block barrier, 2 warp exchange
+  int waiting = 0;
+  uint64_t wait_generation = 0;
+};
+
+// Two sets of slots, used by alternate exchanges: a lane that takes its value
+// from one set and runs on to the next exchange writes the other, and cannot
+// come back to this one before every lane has arrived there, i.e. taken its value.
+struct Warp {
+  int arrived = 0;
+  uint64_t generation = 0;
+  uint64_t slots[2][32] = {};
+  int partner_xor = -1;
+};
+
+struct Block {
+  dim3 index, dim, grid;
+  int num_threads = 0;
+  std::vector<Fiber>* fibers = nullptr;
+  std::vector<Warp> warps;
+  Fiber* current = nullptr;
+  Context scheduler;
+  const std::function<void()>* body = nullptr;
+  // block barrier
+  int arrived = 0;
+  uint64_t generation = 0;
+  int or_accumulated = 0, or_result = 0;
+  bool failed = false;
+};
+
+thread_local Block* g_block = nullptr;
+thread_local std::vector<Fiber> g_fibers;  // stacks kept between launches
+thread_local std::string g_error;
+std::atomic<uint64_t> g_launches{0};
+thread_local cudaError_t g_error_code = cudaSuccess;
+thread_local std::mt19937_64 g_rng(std::getenv("CUDA_EMU_SEED") ? std::strtoull(std::getenv("CUDA_EMU_SEED"), nullptr, 10)
+                                                                 : 1);
+
+void set_error(cudaError_t code, const std::string& message) {
+  if (g_error_code == cudaSuccess) {
+    g_error_code = code;
+    g_error = message;
+  }
+}
+
+Block& block() {
+  if (!g_block) {
+    std::fprintf(stderr, "cuda_emu: device code called outside a kernel launch\n");
+    std::abort();
+  }
+  return *g_block;
+}
+
+void yield_to_scheduler() {
+  Block& b = block();
+  switch_context(b.current->context, b.scheduler);
+}
+
+void fiber_main() {
+  Block& b = block();
+  (*b.body)();
+  b.current->done = true;
+  switch_context(b.current->context, b.scheduler);
+}
+
+std::string where(const Block& b, const Fiber& f) {
+  return "block (" + std::to_string(b.index.x) + "," + std::to_string(b.index.y) + "," + std::to_string(b.index.z) +
+         ") thread (" + std::to_string(f.index.x) + "," + std::to_string(f.index.y) + "," + std::to_string(f.index.z) +
+         ")";
+}
+
+// Runs one block to the end; false when it failed.
+bool run_block(Block& b) {
+  std::vector<Fiber>& fibers = *b.fibers;
+  for (int t = 0; t < b.num_threads; ++t) {
+    Fiber& f = fibers[t];
+    if (!f.stack) f.stack.reset(new char[kStackBytes]);
+    f.linear = t;
+    f.index = dim3(t % b.dim.x, (t / b.dim.x) % b.dim.y, t / (b.dim.x * b.dim.y));
+    f.done = false;
+    f.waiting = 0;
+    // each stack's top moved by a different multiple of 64 bytes: the fibers' hot
+    // frames otherwise share their offset in a page, hence their cache sets
+    const size_t color = (size_t(t) * 64 * 37) % 4096;
+    make_context(f.context, f.stack.get(), kStackBytes - color, fiber_main);
+  }
+  std::vector<int> order(b.num_threads);
+  for (int t = 0; t < b.num_threads; ++t) order[t] = t;
+  while (true) {
+    std::shuffle(order.begin(), order.end(), g_rng);
+    int live = 0, ran = 0;
+    for (int t : order) {
+      Fiber& f = fibers[t];
+      if (f.done) continue;
+      ++live;
+      // a waiting fiber resumes only once its barrier or exchange has moved on
+      if (f.waiting == 1 && b.generation == f.wait_generation) continue;
+      if (f.waiting == 2 && b.warps[t / 32].generation == f.wait_generation) continue;
+      f.waiting = 0;
+      b.current = &f;
+      switch_context(b.scheduler, f.context);
+      b.current = nullptr;
+      ++ran;
+      if (b.failed) return false;
+    }
+    if (live == 0) return true;
+    if (ran == 0) {
+      // every live thread waits on a barrier or an exchange the others never reach
+      int exited = 0;
+      const Fiber* waiter = nullptr;
+      for (int t = 0; t < b.num_threads; ++t) {
+        if (fibers[t].done) ++exited;
+        else if (!waiter) waiter = &fibers[t];
+      }
+      set_error(cudaErrorLaunchFailure,
+                std::string(waiter->waiting == 1 ? "__syncthreads" : "warp shuffle") + " not reached by every thread: " +
+                    std::to_string(exited) + " of " + std::to_string(b.num_threads) +
+                    " threads had exited or wait elsewhere, e.g. " + where(b, *waiter) + " waits");
+      return false;
+    }
+  }
+}
+
+}  // namespace
+
+const dim3& thread_idx() { return block().current->index; }
+const dim3& block_idx() { return block().index; }
+const dim3& block_dim() { return block().dim; }
+const dim3& grid_dim() { return block().grid; }
+
+int sync_block(int pred) {
+  Block& b = block();
+  Fiber& f = *b.current;
+  b.or_accumulated |= pred != 0;
+  if (++b.arrived == b.num_threads) {
+    b.arrived = 0;
+    b.or_result = b.or_accumulated;
+    b.or_accumulated = 0;
+    ++b.generation;
+    return b.or_result;  // the others resume on the new generation
+  }
+  f.waiting = 1;
+  f.wait_generation = b.generation;
+  yield_to_scheduler();
+  return b.or_result;
+}
+
+uint64_t warp_exchange(unsigned mask, uint64_t value, int partner_xor) {
+  Block& b = block();
+  Fiber& f = *b.current;
+  if (b.num_threads % 32 != 0) fail("warp shuffle in a block whose size is not a multiple of 32");
+  if (mask != 0xffffffffu) fail("warp shuffle with a partial mask (the emulation supports full warps only)");
+  if (partner_xor < 0 || partner_xor > 31) fail("warp shuffle lane mask outside [0, 31]");
+  Warp& w = b.warps[f.linear / 32];
+  const int lane = f.linear % 32;
+  if (w.arrived == 0) {
+    w.partner_xor = partner_xor;
+  } else if (w.partner_xor != partner_xor) {
+    fail("the lanes of a warp shuffle with different lane masks");
+  }
+  uint64_t* slots = w.slots[w.generation % 2];
+  slots[lane] = value;
+  // every lane puts its value; the last one releases the others
+  if (++w.arrived == 32) {
+    w.arrived = 0;
+    ++w.generation;
+  } else {
+    f.waiting = 2;
+    f.wait_generation = w.generation;
+    yield_to_scheduler();
+  }
+  const uint64_t out = slots[lane ^ partner_xor];
+  return out;
+}
+
+void fail(const char* message) {
+  Block& b = block();
+  set_error(cudaErrorLaunchFailure, std::string(message) + " (" + where(b, *b.current) + ")");
+  b.failed = true;
+  b.current->done = true;
+  switch_context(b.current->context, b.scheduler);
+  std::abort();  // never resumed
+}
+
+void run_grid(dim3 grid, dim3 block_size, size_t shared_bytes, const std::function<void()>& body) {
+  const uint64_t threads = uint64_t(block_size.x) * block_size.y * block_size.z;
+  if (threads == 0 || threads > kMaxThreads || block_size.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
+    set_error(cudaErrorInvalidConfiguration,
+              "invalid launch configuration: grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," +
+                  std::to_string(grid.z) + ") block (" + std::to_string(block_size.x) + "," +
+                  std::to_string(block_size.y) + "," + std::to_string(block_size.z) + ")");
+    return;
+  }
+  if (shared_bytes != 0) {
+    set_error(cudaErrorInvalidConfiguration, "dynamic shared memory is not emulated");
+    return;
+  }
+  if (g_block) {
+    std::fprintf(stderr, "cuda_emu: a kernel launched from device code\n");
+    std::abort();
+  }
+  static const bool trace = std::getenv("CUDA_EMU_TRACE") != nullptr;
+  if (trace) {
+    std::fprintf(stderr, "cuda_emu: launch grid (%u,%u,%u) block (%u,%u,%u)\n", grid.x, grid.y, grid.z, block_size.x,
+                 block_size.y, block_size.z);
+  }
+  ++g_launches;
+  if (g_fibers.size() < threads) g_fibers.resize(threads);
+  Block b;
+  b.dim = block_size;
+  b.grid = grid;
+  b.num_threads = static_cast<int>(threads);
+  b.fibers = &g_fibers;
+  b.warps.resize((threads + 31) / 32);
+  b.body = &body;
+  g_block = &b;
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        b.index = dim3(x, y, z);
+        b.arrived = 0;
+        b.or_accumulated = 0;
+        for (Warp& w : b.warps) w.arrived = 0;
+        if (!run_block(b)) {
+          g_block = nullptr;
+          return;
+        }
+      }
+    }
+  }
+  g_block = nullptr;
+}
+
+uint64_t launch_count() { return g_launches.load(); }
+
+cudaError_t take_last_error(const char** message) {
+  static thread_local std::string last;
+  const cudaError_t code = g_error_code;
+  last = g_error;
+  if (message) *message = last.c_str();
+  g_error_code = cudaSuccess;
+  g_error.clear();
+  return code;
+}
+
+}  // namespace cuda_emu
+
+// For the Python side (cuda_emulation.py's launch_count, through ctypes).
+extern "C" uint64_t cuda_emu_launch_count() { return cuda_emu::launch_count(); }
+// Reseeds the calling thread's shuffle of the fibers' order (CUDA_EMU_SEED at start).
+extern "C" void cuda_emu_seed(uint64_t seed) { cuda_emu::g_rng.seed(seed); }

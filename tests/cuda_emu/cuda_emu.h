@@ -1,0 +1,107 @@
+// CPU emulation of the CUDA device code kdfast's kernels use, for the tests
+// (tests/cuda_emu/README.md). cuda_emulation.py puts this header before a kernel file's
+// text and turns each `kernel<<<grid, block, shmem, stream>>>(args)` into
+// `cuda_emu::Launch(grid, block, shmem, stream).run(kernel, args)`.
+//
+// A launch runs now, on the calling thread, one block after another. A block's
+// threads are fibers that switch only at __syncthreads and warp shuffles, so
+// code between two sync points runs as one step per thread. The order in which
+// the fibers take their steps is shuffled per step (seeded by CUDA_EMU_SEED,
+// default 1): a kernel whose result depends on that order (a race between sync
+// points) gives results that move with the seed. A barrier or shuffle that not
+// every thread of its block or warp reaches (some exited or took another
+// branch) is an error, reported by the next cudaGetLastError.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "cuda_runtime.h"
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+// one block runs at a time, so a block's shared arrays can be function statics
+#define __shared__ static
+
+namespace cuda_emu {
+
+const dim3& thread_idx();
+const dim3& block_idx();
+const dim3& block_dim();
+const dim3& grid_dim();
+
+// __syncthreads with an OR of pred over the block's threads.
+int sync_block(int pred);
+// The 8-byte slot exchange behind the warp shuffles: every lane of the warp
+// puts its value, then takes lane `source(lane)`'s.
+uint64_t warp_exchange(unsigned mask, uint64_t value, int partner_xor);
+// Fails the current launch with this message (the kernel's thread stops).
+[[noreturn]] void fail(const char* message);
+
+// Kernel launches so far in this process (tests check that an op ran kernels).
+uint64_t launch_count();
+
+void run_grid(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body);
+
+struct Launch {
+  dim3 grid, block;
+  size_t shared_bytes;
+  Launch(dim3 g, dim3 b, size_t shmem = 0, cudaStream_t = nullptr) : grid(g), block(b), shared_bytes(shmem) {}
+  // Kernel parameters are copied per thread, as CUDA passes them by value.
+  template <typename... Params, typename... Args>
+  void run(void (*kernel)(Params...), Args&&... args) {
+    const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+    run_grid(grid, block, shared_bytes, [&] { std::apply(kernel, params); });
+  }
+};
+
+}  // namespace cuda_emu
+
+#define threadIdx (::cuda_emu::thread_idx())
+#define blockIdx (::cuda_emu::block_idx())
+#define blockDim (::cuda_emu::block_dim())
+#define gridDim (::cuda_emu::grid_dim())
+
+inline void __syncthreads() { cuda_emu::sync_block(0); }
+inline int __syncthreads_or(int pred) { return cuda_emu::sync_block(pred); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
+  static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "shuffle of a value over 8 bytes");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits = cuda_emu::warp_exchange(mask, bits, lane_mask);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
+// One block runs at a time on one thread: atomics are plain read-modify-writes.
+inline int atomicExch(int* address, int value) {
+  const int old = *address;
+  *address = value;
+  return old;
+}
+template <typename T>
+T atomicAdd(T* address, T value) {
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
+
+// device maths: CUDA's overloads for float and double (and min/max for integers)
+using std::exp;
+using std::fabs;
+using std::log;
+using std::log1p;
+using std::max;
+using std::min;

@@ -1,0 +1,23 @@
+// CPU stand-in for <cuda_runtime.h>, for the CUDA emulation build of the tests
+// (tests/cuda_emu/README.md): the few runtime types kdfast's kernel headers name.
+#pragma once
+
+#include <cstddef>
+
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 719 };
+
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1) : x(vx), y(vy), z(vz) {}
+};
+
+namespace cuda_emu {
+// The first error since the last call (a bad launch, a kernel that broke the
+// emulator's rules), and its message; clears it, as cudaGetLastError.
+cudaError_t take_last_error(const char** message);
+}  // namespace cuda_emu
+
+inline cudaError_t cudaGetLastError() { return cuda_emu::take_last_error(nullptr); }

@@ -1,0 +1,101 @@
+"""Tests of the CUDA emulation itself (tests/cuda_emu): run only under ``KDFAST_CUDA_EMU=1``
+(``make test-cuda-emu``), where tests/conftest.py has installed it.
+
+The launch rewriting, the execution model on small kernels of known result (tests/cuda_emu/
+selftest.cu), the errors it raises for what a GPU would do wrong or undefined, and that the
+CUDA ops now really run the emulated kernels.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdfast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+import cuda_emulation as cuda_emu
+
+SELFTEST = torch.ops.cuda_emu_selftest
+
+
+def test_rewrite_launches():
+    text = (
+        "if (B > 0) init_kernel<acc_t><<<row_blocks(B), kThreads, 0, stream>>>(state, f(B, 2));\n"
+        "  ns::plain<<<1, 32>>>();\n"
+        "k<Pair<int, float>><<<g, b, 0, s>>>\n    (x);"
+    )
+    assert cuda_emu.rewrite_launches(text) == (
+        "if (B > 0) ::cuda_emu::Launch(row_blocks(B), kThreads, 0, stream).run(init_kernel<acc_t>, state, f(B, 2));\n"
+        "  ::cuda_emu::Launch(1, 32).run(ns::plain);\n"
+        "::cuda_emu::Launch(g, b, 0, s).run(k<Pair<int, float>>, x);"
+    )
+    assert cuda_emu.rewrite_launches("no launch here") == "no launch here"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("k<<<1, 32>>>;", "without its arguments"), ("k<<<1, 32(x);", "without its '>>>'"),
+     ("k<<<1, 32>>>(x;", "unbalanced"), ("(<<<1, 32>>>(x);", "no kernel name")],
+)
+def test_rewrite_launches_rejects_what_it_cannot_read(text, message):
+    with pytest.raises(ValueError, match=message):
+        cuda_emu.rewrite_launches(text)
+
+
+@pytest.mark.parametrize("threads", [32, 256, 1024])
+def test_block_reduction_by_shuffles_and_shared_memory(threads):
+    x = torch.randn(7 * threads, generator=torch.Generator().manual_seed(threads))
+    sums, partner = SELFTEST.block_sum(x, threads)
+    torch.testing.assert_close(sums, x.view(7, threads).sum(1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(partner, x.view(-1, 2).flip(1).reshape(-1))  # lane t got lane t ^ 1's value
+
+
+def test_barrier_not_reached_by_every_thread_is_an_error():
+    with pytest.raises(RuntimeError, match=r"__syncthreads not reached by every thread: 32 of 64 threads"):
+        SELFTEST.divergent_barrier(64)
+    # the error is taken by the check that raised it: the next launch is clean
+    SELFTEST.block_sum(torch.ones(64), 32)
+
+
+@pytest.mark.parametrize("threads", [0, 2048])
+def test_bad_launch_configuration_is_an_error(threads):
+    with pytest.raises(RuntimeError, match=r"invalid launch configuration: grid \(1,1,1\) block"):
+        SELFTEST.racy_write(threads)
+
+
+def test_a_race_between_sync_points_moves_with_the_seed():
+    """The threads' order between two sync points is shuffled by seed: a kernel whose result
+    depends on it gives different results for different seeds, the same for the same seed."""
+    results = []
+    for seed in range(8):
+        cuda_emu.set_seed(seed)
+        results.append(SELFTEST.racy_write(64))
+    assert len(set(results)) >= 4, results
+    cuda_emu.set_seed(3)
+    assert SELFTEST.racy_write(64) == results[3]
+    cuda_emu.set_seed(1)
+
+
+def _run_each_cuda_op():
+    g = torch.Generator().manual_seed(0)
+    B, d, V = 3, 4, 40
+    h, W = torch.randn(B, d, generator=g), torch.randn(V, d, generator=g)
+    y = torch.randint(0, V, (B,), generator=g)
+    logits = torch.randn(B, V, generator=g, requires_grad=True)
+    yield "distillation_loss_forward/backward", lambda: kdfast.distillation_loss(logits, y).backward()
+    hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+    yield "fused_linear_loss_forward/backward", lambda: kdfast.fused_linear_distillation_loss(hh, WW, y).backward()
+    yield "teacher_topk", lambda: kdfast.teacher_topk(h, W, k=3)
+
+
+def test_the_cuda_ops_run_the_emulated_kernels():
+    """Every op of kdfast.ops.CUDA_OPS on CPU tensors now launches (emulated) kernels."""
+    assert len(kdfast.ops.CUDA_OPS) == 5
+    for name, run in _run_each_cuda_op():
+        before = cuda_emu.launch_count()
+        run()
+        assert cuda_emu.launch_count() > before, f"{name} launched no kernel"
