@@ -446,8 +446,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> teacher_t
 
 }  // namespace
 
-// The CPU emulation build of the tests (tests/cuda_emu) registers this glue
-// for CPU tensors instead, under a renamed op namespace.
+// The CPU emulation build of the tests (tests/cuda_emu) sets CPU: this glue then
+// replaces the CPU kernels of these ops, so that the CPU tests run the CUDA code.
 #ifndef KDFAST_CUDA_DISPATCH_KEY
 #define KDFAST_CUDA_DISPATCH_KEY CUDA
 #endif
