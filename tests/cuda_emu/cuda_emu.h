@@ -9,8 +9,8 @@
 // the fibers take their steps is shuffled per step (seeded by CUDA_EMU_SEED,
 // default 1): a kernel whose result depends on that order (a race between sync
 // points) gives results that move with the seed. A barrier or shuffle that not
-// every thread of its block or warp reaches (some exited or took another
-// branch) is an error, reported by the next cudaGetLastError.
+// every thread of its block or warp reaches (some exited, or wait at a shuffle
+// while others wait at a barrier) is an error, reported by the next cudaGetLastError.
 #pragma once
 
 #include <algorithm>
