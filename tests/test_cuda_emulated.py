@@ -8,16 +8,11 @@ CUDA ops now really run the emulated kernels.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import cuda_emulation as cuda_emu  # on sys.path: tests/conftest.py installed the emulation from it
 import pytest
 import torch
 
 import kdfast
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
-import cuda_emulation as cuda_emu
 
 SELFTEST = torch.ops.cuda_emu_selftest
 
@@ -80,22 +75,38 @@ def test_a_race_between_sync_points_moves_with_the_seed():
     cuda_emu.set_seed(1)
 
 
-def _run_each_cuda_op():
+def _call_each_cuda_op():
+    """(op name, a call of that op alone), for every op of kdfast.ops.CUDA_OPS."""
     g = torch.Generator().manual_seed(0)
     B, d, V = 3, 4, 40
     h, W = torch.randn(B, d, generator=g), torch.randn(V, d, generator=g)
     y = torch.randint(0, V, (B,), generator=g)
-    logits = torch.randn(B, V, generator=g, requires_grad=True)
-    yield "distillation_loss_forward/backward", lambda: kdfast.distillation_loss(logits, y).backward()
-    hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
-    yield "fused_linear_loss_forward/backward", lambda: kdfast.fused_linear_distillation_loss(hh, WW, y).backward()
-    yield "teacher_topk", lambda: kdfast.teacher_topk(h, W, k=3)
+    logits = torch.randn(B, V, generator=g)
+    loss_args = (1.0, 0.0, 0.0, 1.0, "sigmoid", 1.0, 0.0, 0.0, -100)  # hard CE
+    ops = torch.ops.kdfast
+    _, dense_stats = ops.distillation_loss_forward(logits, y, None, *loss_args)
+    fused_inputs = (h, W, None, y, *[None] * 9)  # student, target, no teacher
+    fused_tail = (*loss_args, 0, 0.0)  # tile_size, filter_eps
+    _, fused_stats = ops.fused_linear_loss_forward(*fused_inputs, *fused_tail)
+    ones = torch.ones(B)
+    return {
+        "distillation_loss_forward": lambda: ops.distillation_loss_forward(logits, y, None, *loss_args),
+        "distillation_loss_backward": lambda: ops.distillation_loss_backward(
+            ones, logits, y, None, dense_stats, *loss_args
+        ),
+        "fused_linear_loss_forward": lambda: ops.fused_linear_loss_forward(*fused_inputs, *fused_tail),
+        "fused_linear_loss_backward": lambda: ops.fused_linear_loss_backward(
+            ones, *fused_inputs, fused_stats, *fused_tail
+        ),
+        "teacher_topk": lambda: ops.teacher_topk(h, W, None, 3, 1.0, 0),
+    }
 
 
 def test_the_cuda_ops_run_the_emulated_kernels():
     """Every op of kdfast.ops.CUDA_OPS on CPU tensors now launches (emulated) kernels."""
-    assert len(kdfast.ops.CUDA_OPS) == 5
-    for name, run in _run_each_cuda_op():
+    calls = _call_each_cuda_op()
+    assert sorted(calls) == sorted(kdfast.ops.CUDA_OPS)
+    for name, call in calls.items():
         before = cuda_emu.launch_count()
-        run()
+        call()
         assert cuda_emu.launch_count() > before, f"{name} launched no kernel"

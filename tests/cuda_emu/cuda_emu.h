@@ -10,7 +10,7 @@
 // default 1): a kernel whose result depends on that order (a race between sync
 // points) gives results that move with the seed. A barrier or shuffle that not
 // every thread of its block or warp reaches (some exited, or wait at a shuffle
-// while others wait at a barrier) is an error, reported by the next cudaGetLastError.
+// while others wait at a barrier) is an error, raised by the op's launch check.
 #pragma once
 
 #include <algorithm>
@@ -42,7 +42,7 @@ const dim3& grid_dim();
 // __syncthreads with an OR of pred over the block's threads.
 int sync_block(int pred);
 // The 8-byte slot exchange behind the warp shuffles: every lane of the warp
-// puts its value, then takes lane `source(lane)`'s.
+// puts its value, then takes lane (lane ^ partner_xor)'s.
 uint64_t warp_exchange(unsigned mask, uint64_t value, int partner_xor);
 // Fails the current launch with this message (the kernel's thread stops).
 [[noreturn]] void fail(const char* message);
@@ -85,16 +85,10 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   return out;
 }
 
-// One block runs at a time on one thread: atomics are plain read-modify-writes.
+// One block runs at a time on one thread: an atomic is a plain read-modify-write.
 inline int atomicExch(int* address, int value) {
   const int old = *address;
   *address = value;
-  return old;
-}
-template <typename T>
-T atomicAdd(T* address, T value) {
-  const T old = *address;
-  *address = old + value;
   return old;
 }
 

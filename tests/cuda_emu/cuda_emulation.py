@@ -158,10 +158,6 @@ def install(verbose: bool = False) -> None:
     _LOADED.cuda_emu_seed.argtypes = [ctypes.c_uint64]
 
 
-def installed() -> bool:
-    return _LOADED is not None
-
-
 def launch_count() -> int:
     """Kernel launches the emulator has run in this process."""
     install()

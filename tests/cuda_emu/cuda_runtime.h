@@ -16,8 +16,6 @@ struct dim3 {
 
 namespace cuda_emu {
 // The first error since the last call (a bad launch, a kernel that broke the
-// emulator's rules), and its message; clears it, as cudaGetLastError.
+// emulator's rules), and its message; clears it, as cudaGetLastError would.
 cudaError_t take_last_error(const char** message);
 }  // namespace cuda_emu
-
-inline cudaError_t cudaGetLastError() { return cuda_emu::take_last_error(nullptr); }

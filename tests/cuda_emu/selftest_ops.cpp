@@ -1,5 +1,5 @@
-// Torch ops around selftest.cu's kernels (torch.ops.cuda_emu_selftest.*), and
-// the emulator's seed, for tests/test_cuda_emulated.py.
+// Torch ops around selftest.cu's kernels (torch.ops.cuda_emu_selftest.*), for
+// tests/test_cuda_emulated.py.
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
