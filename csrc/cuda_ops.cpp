@@ -2,15 +2,21 @@
 // and GEMMs, registered with TORCH_LIBRARY_IMPL(kdfast, CUDA, m). Built only for
 // a CUDA torch (setup.py); `make cuda-check` syntax-checks it anywhere nvcc is.
 //
-// First version: each class tile's logits are made by a cuBLAS GEMM (at::mm;
-// bf16/fp16 on tensor cores with float32 output, float32 as torch's TF32
-// setting says) into a [B, tile] float buffer that the kernels of
-// csrc/cuda/loss_tiles.cu reduce; tiles run in order on the current stream.
-// So the logits of one tile, not of the batch, reach global memory. The
-// backward's gradient filter gives the CPU's results: a tile whose every
-// dL/dF entry is negligible adds nothing to the gradients. Its GEMMs still run
-// (skipping them would need a host sync or our own GEMM kernels), so on CUDA
-// the filter saves no time yet.
+// The fused linear loss takes one of two paths:
+// - fused (csrc/cuda/fused_linear.cu), for bf16 / fp16 inputs with d <= 128
+//   (backward: bf16 only): logit tiles made by tensor cores in shared memory and
+//   reduced there, so no logits reach global memory; a block whose gradient
+//   entries are all negligible skips its gradient GEMMs. KDFAST_CUDA_FUSED=0
+//   turns it off (for comparisons).
+// - tiled, for the rest: each class tile's logits are made by a cuBLAS GEMM
+//   (at::mm; bf16/fp16 on tensor cores with float32 output, float32 as torch's
+//   TF32 setting says) into a [B, tile] float buffer that the kernels of
+//   csrc/cuda/loss_tiles.cu reduce; tiles run in order on the current stream.
+//   So the logits of one tile, not of the batch, reach global memory. The
+//   backward's gradient filter gives the CPU's results (a tile whose every
+//   dL/dF entry is negligible adds nothing), but its GEMMs still run.
+// The one_minus_prob pre-pass over a dense or linear teacher (its log-partition)
+// runs tiled on both paths.
 // The forward ops check index values on the host (kernel_utils.h): one sync,
 // skipped while the stream is captured into a CUDA graph; the backward ops do
 // not check them again.
@@ -23,6 +29,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 
@@ -30,6 +38,7 @@
 #include "cpu/kernel_utils.h"
 #include "cpu/loss_math.h"
 #include "cpu/tiles.h"
+#include "cuda/fused_linear.h"
 #include "cuda/loss_tiles.h"
 #include "cuda/teacher_topk.h"
 
@@ -173,6 +182,49 @@ std::pair<at::Tensor, at::Tensor> logit_tiles(const LossConfig& cfg, const Fused
   return {f, s};
 }
 
+// The fused kernels' arguments for these inputs, or nullopt where they do not
+// take them (fused_linear.h) or KDFAST_CUDA_FUSED=0. The pointers are into in's
+// tensors and lse_w.
+std::optional<FusedLinearArgs> fused_args(const LossConfig& cfg, const FusedInputs& in, const at::Tensor& lse_w,
+                                          bool backward) {
+  const char* env = std::getenv("KDFAST_CUDA_FUSED");
+  if (env && std::strcmp(env, "0") == 0) return std::nullopt;
+  const auto dtype = in.hidden_in.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return std::nullopt;
+  FusedLinearArgs a;
+  a.input = dtype == at::kBFloat16 ? FusedInput::BFloat16 : FusedInput::Float16;
+  a.B = in.B;
+  a.V = in.V;
+  a.d = in.d;
+  a.hidden = in.hidden_in.data_ptr();
+  a.weight = in.weight.data_ptr();
+  a.bias = ptr_or_null<float>(in.bias);
+  switch (cfg.needs_teacher() ? in.teacher : TeacherKind::None) {
+    case TeacherKind::None:
+      break;
+    case TeacherKind::Dense:
+      a.teacher = FusedTeacher::Dense;
+      a.teacher_logits = in.teacher_logits.data_ptr();
+      break;
+    case TeacherKind::Linear:
+      a.teacher = FusedTeacher::Linear;
+      a.d_t = in.teacher_weight.size(1);
+      a.teacher_hidden = in.teacher_hidden_in.data_ptr();
+      a.teacher_weight = in.teacher_weight.data_ptr();
+      a.teacher_bias = ptr_or_null<float>(in.teacher_bias);
+      break;
+    case TeacherKind::TopK:
+      a.teacher = FusedTeacher::TopK;
+      a.k = in.topk_indices.size(1);
+      a.topk_indices = in.topk_indices.data_ptr<int64_t>();
+      a.topk_logits = in.topk_logits.data_ptr<float>();
+      break;
+  }
+  a.lse_w = ptr_or_null<float>(lse_w);
+  if (!fused_linear_supported(a, backward)) return std::nullopt;
+  return a;
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_INPUT_ARGS, KDFAST_LOSS_PARAMS,
                                                                   int64_t tile_size, double /*filter_eps*/) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the tile GEMMs must not re-enter autograd
@@ -187,6 +239,22 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_I
   at::Tensor stats = at::empty({in.B, cpu::kNumRowStats}, opts);
   const LossTerms terms = loss_terms(cfg);
   const Targets targets = device_targets(in, cfg.ignore_index);
+  if (in.acc_type == at::kFloat && in.hidden_in.scalar_type() != at::kFloat) {
+    at::Tensor s_buf =
+        cfg.needs_teacher_prepass() && in.teacher != TeacherKind::TopK ? at::empty({in.B * tile}, opts) : at::Tensor();
+    const at::Tensor lse_w = weights_lse_forward<float>(cfg, in, tile, s_buf);
+    if (const auto fa = fused_args(cfg, in, lse_w, false)) {
+      const int64_t splits = fused_forward_splits(in.B, in.V);
+      at::Tensor partial = at::empty({splits, in.B, kNumRowState}, opts);
+      at::Tensor state = at::empty({in.B, kNumRowState}, opts);
+      fused_linear_forward(terms, targets, *fa, splits, partial.data_ptr<float>(), state.data_ptr<float>(),
+                           current_stream());
+      finish_rows<float>(terms, targets, state.data_ptr<float>(), in.B, losses.data_ptr<float>(),
+                         stats.data_ptr<float>(), current_stream());
+      check_launches();
+      return {losses.to(hidden.scalar_type()), stats};
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES(in.acc_type, "fused_linear_loss_forward_cuda", [&] {
     at::Tensor f_buf = at::empty({in.B * tile}, opts);
     at::Tensor s_buf = cfg.needs_teacher() ? at::empty({in.B * tile}, opts) : at::Tensor();
@@ -235,8 +303,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
   at::Tensor grad_bias = bias.has_value() ? at::empty({in.V}, opts) : at::Tensor();
   const LossTerms terms = loss_terms(cfg);
   const Targets targets = device_targets(in, cfg.ignore_index);
-  // gradient filter: one flag per tile, set on the device when the tile is kept
   const bool filtering = filter_eps > 0;
+  if (const auto fa = fused_args(cfg, in, lse_w, true)) {
+    // the filter's class groups: the requested tile where it is under the kernels' own
+    const int64_t group = tile_size > 0 && tile_size < kFusedClasses ? tile_size : kFusedClasses;
+    at::Tensor grad_bias_f = bias.has_value() ? at::empty({in.V}, opts) : at::Tensor();
+    float* grad_bias_ptr = grad_bias_f.defined() ? grad_bias_f.data_ptr<float>() : nullptr;
+    fused_linear_backward(terms, targets, *fa, st.data_ptr<float>(), g.data_ptr<float>(), filtering ? filter_eps : 0.0,
+                          group, grad_hidden.data_ptr<float>(), grad_weight.data_ptr(), grad_bias_ptr,
+                          current_stream());
+    check_launches();
+    return {grad_hidden.to(hidden.scalar_type()), grad_weight,
+            bias.has_value() ? grad_bias_f.to(bias->scalar_type()) : at::empty({0}, hidden.options())};
+  }
+  // gradient filter: one flag per tile, set on the device when the tile is kept
   const int64_t num_tiles = (in.V + tile - 1) / tile;
   at::Tensor keep_flags = filtering ? at::zeros({num_tiles}, opts.dtype(at::kInt)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(in.acc_type, "fused_linear_loss_backward_cuda", [&] {

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kdfast
+from test_fused_linear import TERMS, _grad_out, _problem, _run_fused
 
 SELFTEST = torch.ops.cuda_emu_selftest
 
@@ -73,6 +74,84 @@ def test_a_race_between_sync_points_moves_with_the_seed():
     cuda_emu.set_seed(3)
     assert SELFTEST.racy_write(64) == results[3]
     cuda_emu.set_seed(1)
+
+
+def test_rewrite_dynamic_shared():
+    assert cuda_emu.rewrite_dynamic_shared("  extern __shared__ __align__(128) unsigned char smem[];") == (
+        "  unsigned char* smem = static_cast<unsigned char*>(::cuda_emu::dynamic_shared());"
+    )
+    assert cuda_emu.rewrite_dynamic_shared("extern __shared__ float buf[ ];") == (
+        "float* buf = static_cast<float*>(::cuda_emu::dynamic_shared());"
+    )
+    assert cuda_emu.rewrite_dynamic_shared("__shared__ float fixed[32];") == "__shared__ float fixed[32];"
+
+
+def _bf16_pair(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 16, generator=g).bfloat16(), torch.randn(16, 16, generator=g).bfloat16()
+
+
+def test_tensor_core_product_in_dynamic_shared_memory():
+    """wmma's load, mma and store in dynamic shared memory: the float product of the bf16 inputs."""
+    a, b = _bf16_pair()
+    c, total = SELFTEST.wmma_product(a, b, True, 2048, 0)
+    expected = a.double() @ b.double()  # bf16 products are exact; float sums, in some order
+    torch.testing.assert_close(c.double(), expected, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(total.double(), expected.sum(), rtol=1e-5, atol=1e-4)
+
+
+def test_dynamic_shared_memory_over_48k_needs_the_opt_in():
+    a, b = _bf16_pair()
+    with pytest.raises(RuntimeError, match=r"asks for 65536 bytes of dynamic shared memory, over the 49152"):
+        SELFTEST.wmma_product(a, b, True, 65536, 0)
+    c, _ = SELFTEST.wmma_product(a, b, True, 65536, 65536)  # opted in
+    torch.testing.assert_close(c.double(), a.double() @ b.double(), rtol=1e-6, atol=1e-5)
+    # past what sm_80 has (163 KiB), the opt-in itself is refused, so the launch fails
+    with pytest.raises(RuntimeError, match=r"asks for 204800 bytes"):
+        SELFTEST.wmma_product(a, b, True, 200 * 1024, 200 * 1024)
+
+
+def test_reading_other_lanes_elements_without_syncwarp_moves_with_the_seed():
+    """An accumulator's elements are stored by their own lanes: lane 0 summing the stored tile
+    without a __syncwarp sees some of them still 0, how many depending on the lanes' order."""
+    a, b = _bf16_pair()
+    synced, racy = set(), set()
+    for seed in range(8):
+        cuda_emu.set_seed(seed)
+        synced.add(SELFTEST.wmma_product(a, b, True, 2048, 0)[1].item())
+        racy.add(SELFTEST.wmma_product(a, b, False, 2048, 0)[1].item())
+    cuda_emu.set_seed(1)
+    assert len(synced) == 1
+    assert len(racy) >= 4, racy
+
+
+def _fused_and_tiled(p, kwargs, grad_out, monkeypatch):
+    """(loss, grads) from the fused kernels and from the tiled cuBLAS-style path, checking which
+    path ran by the bf16 GEMMs it called."""
+    results = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv("KDFAST_CUDA_FUSED", fused)
+        before = cuda_emu.mixed_mm_calls()
+        results.append(_run_fused(p, kwargs, grad_out, exact=True))
+        made_gemms = cuda_emu.mixed_mm_calls() > before
+        assert made_gemms == (fused == "0"), f"KDFAST_CUDA_FUSED={fused}: GEMMs called: {made_gemms}"
+    return results
+
+
+@pytest.mark.parametrize("form", ["none", "dense", "linear", "topk"])
+def test_fused_kernels_match_the_tiled_path(form, monkeypatch):
+    """bf16, every term, multi-label targets: the fused kernels (tensor-core tiles in shared memory)
+    give the tiled path's loss and gradients. B = 70 (two row blocks, the second partial), V = 300
+    (three class tiles, the last partial), d = 24 and d_t = 40 (padded to 32 and staged in a chunk
+    of 64), k = 7. Both sum in float, in different orders, and round dL/df and the outputs to bf16."""
+    p = _problem(70, 24, 300, seed=41, form="dense" if form == "none" else form, target_kind="multi",
+                 dtype=torch.bfloat16, d_t=40, k=7)
+    kwargs = dict(TERMS["hard_smoothed" if form == "none" else "combined"], reduction="none")
+    (loss, grads), (loss_t, grads_t) = _fused_and_tiled(p, kwargs, _grad_out(p, "none"), monkeypatch)
+    torch.testing.assert_close(loss.float(), loss_t.float(), rtol=2**-7, atol=0)  # one bf16 rounding
+    for name, g, g_t in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, grads_t):
+        scale = g_t.float().abs().max().item()
+        torch.testing.assert_close(g.float(), g_t.float(), rtol=2**-7, atol=2**-9 * scale, msg=lambda m: f"{name}: {m}")
 
 
 def _call_each_cuda_op():

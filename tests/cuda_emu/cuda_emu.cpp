@@ -9,7 +9,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <atomic>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <vector>
@@ -135,7 +137,19 @@ struct Block {
   uint64_t generation = 0;
   int or_accumulated = 0, or_result = 0;
   bool failed = false;
+  // dynamic shared memory: dynamic_bytes from a 128-byte boundary of the buffer
+  std::vector<unsigned char> dynamic_buffer;
+  unsigned char* dynamic_shared = nullptr;
+  size_t dynamic_bytes = 0;
 };
+
+// Dynamic shared memory a launch may ask for: 48 KiB, or up to what the kernel opted
+// in to with cudaFuncSetAttribute, at most 163 KiB (sm_80's limit, the smaller of the
+// two architectures kdfast builds for).
+constexpr size_t kDefaultDynamicShared = 48 * 1024;
+constexpr size_t kMaxDynamicShared = 163 * 1024;
+std::mutex g_attributes_mutex;
+std::map<const void*, size_t> g_max_dynamic_shared;
 
 thread_local Block* g_block = nullptr;
 thread_local std::vector<Fiber> g_fibers;  // stacks kept between launches
@@ -254,6 +268,26 @@ int sync_block(int pred) {
   return b.or_result;
 }
 
+void sync_warp(unsigned mask) {
+  if (mask != 0xffffffffu) fail("__syncwarp with a partial mask (the emulation supports full warps only)");
+  warp_exchange(mask, 0, 0);
+}
+
+void* dynamic_shared() {
+  Block& b = block();
+  if (b.dynamic_bytes == 0) fail("dynamic shared memory used by a launch that asked for none");
+  return b.dynamic_shared;
+}
+
+int lane_id() { return block().current->linear % 32; }
+
+cudaError_t set_max_dynamic_shared(const void* kernel, int bytes) {
+  if (bytes < 0 || size_t(bytes) > kMaxDynamicShared) return cudaErrorInvalidValue;
+  const std::lock_guard<std::mutex> lock(g_attributes_mutex);
+  g_max_dynamic_shared[kernel] = size_t(bytes);
+  return cudaSuccess;
+}
+
 uint64_t warp_exchange(unsigned mask, uint64_t value, int partner_xor) {
   Block& b = block();
   Fiber& f = *b.current;
@@ -291,7 +325,8 @@ void fail(const char* message) {
   std::abort();  // never resumed
 }
 
-void run_grid(dim3 grid, dim3 block_size, size_t shared_bytes, const std::function<void()>& body) {
+void run_grid(const void* kernel, dim3 grid, dim3 block_size, size_t shared_bytes,
+              const std::function<void()>& body) {
   const uint64_t threads = uint64_t(block_size.x) * block_size.y * block_size.z;
   if (threads == 0 || threads > kMaxThreads || block_size.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
@@ -301,8 +336,16 @@ void run_grid(dim3 grid, dim3 block_size, size_t shared_bytes, const std::functi
                   std::to_string(block_size.y) + "," + std::to_string(block_size.z) + ")");
     return;
   }
-  if (shared_bytes != 0) {
-    set_error(cudaErrorInvalidConfiguration, "dynamic shared memory is not emulated");
+  size_t max_shared = kDefaultDynamicShared;
+  {
+    const std::lock_guard<std::mutex> lock(g_attributes_mutex);
+    const auto it = g_max_dynamic_shared.find(kernel);
+    if (it != g_max_dynamic_shared.end()) max_shared = std::max(max_shared, it->second);
+  }
+  if (shared_bytes > max_shared) {
+    set_error(cudaErrorInvalidConfiguration,
+              "a launch asks for " + std::to_string(shared_bytes) + " bytes of dynamic shared memory, over the " +
+                  std::to_string(max_shared) + " its kernel may use (cudaFuncSetAttribute opts in to more)");
     return;
   }
   if (g_block) {
@@ -322,6 +365,9 @@ void run_grid(dim3 grid, dim3 block_size, size_t shared_bytes, const std::functi
   b.num_threads = static_cast<int>(threads);
   b.fibers = &g_fibers;
   b.warps.resize((threads + 31) / 32);
+  b.dynamic_bytes = shared_bytes;
+  b.dynamic_buffer.resize(shared_bytes + 128);
+  b.dynamic_shared = b.dynamic_buffer.data() + (128 - reinterpret_cast<uintptr_t>(b.dynamic_buffer.data()) % 128);
   b.body = &body;
   g_block = &b;
   for (unsigned z = 0; z < grid.z; ++z) {
@@ -331,6 +377,8 @@ void run_grid(dim3 grid, dim3 block_size, size_t shared_bytes, const std::functi
         b.arrived = 0;
         b.or_accumulated = 0;
         for (Warp& w : b.warps) w.arrived = 0;
+        // what a block finds in its dynamic shared memory is undefined: NaN, not zeros
+        std::memset(b.dynamic_shared, 0xff, b.dynamic_bytes);
         if (!run_block(b)) {
           g_block = nullptr;
           return;

@@ -30,7 +30,10 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 // one block runs at a time, so a block's shared arrays can be function statics
+// (and `extern __shared__ T name[];`, dynamic shared memory, is rewritten by
+// cuda_emulation.py into a pointer to the block's buffer: dynamic_shared below)
 #define __shared__ static
+#define __align__(n) alignas(n)
 
 namespace cuda_emu {
 
@@ -44,13 +47,22 @@ int sync_block(int pred);
 // The 8-byte slot exchange behind the warp shuffles: every lane of the warp
 // puts its value, then takes lane (lane ^ partner_xor)'s.
 uint64_t warp_exchange(unsigned mask, uint64_t value, int partner_xor);
+// __syncwarp: every lane of the warp arrives before any goes on.
+void sync_warp(unsigned mask);
+// The current block's dynamic shared memory (the launch's shmem bytes, filled
+// with 0xff bytes, a NaN in every float, before each block).
+void* dynamic_shared();
+// The current thread's lane in its warp.
+int lane_id();
 // Fails the current launch with this message (the kernel's thread stops).
 [[noreturn]] void fail(const char* message);
 
 // Kernel launches so far in this process (tests check that an op ran kernels).
 uint64_t launch_count();
 
-void run_grid(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body);
+// kernel: the launched function (for cudaFuncSetAttribute's opt-in above 48 KiB
+// of dynamic shared memory).
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body);
 
 struct Launch {
   dim3 grid, block;
@@ -60,7 +72,7 @@ struct Launch {
   template <typename... Params, typename... Args>
   void run(void (*kernel)(Params...), Args&&... args) {
     const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
-    run_grid(grid, block, shared_bytes, [&] { std::apply(kernel, params); });
+    run_grid(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes, [&] { std::apply(kernel, params); });
   }
 };
 
@@ -73,6 +85,7 @@ struct Launch {
 
 inline void __syncthreads() { cuda_emu::sync_block(0); }
 inline int __syncthreads_or(int pred) { return cuda_emu::sync_block(pred); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { cuda_emu::sync_warp(mask); }
 
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
@@ -89,6 +102,16 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
 inline int atomicExch(int* address, int value) {
   const int old = *address;
   *address = value;
+  return old;
+}
+inline int atomicOr(int* address, int value) {
+  const int old = *address;
+  *address = old | value;
+  return old;
+}
+inline float atomicAdd(float* address, float value) {
+  const float old = *address;
+  *address = old + value;
   return old;
 }
 

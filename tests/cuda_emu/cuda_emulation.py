@@ -86,13 +86,24 @@ def rewrite_launches(text: str) -> str:
     return out
 
 
+_DYNAMIC_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:]*(?:\s+[A-Za-z_][\w:]*)*?)\s+(\w+)\s*\[\s*\]\s*;"
+)
+
+
+def rewrite_dynamic_shared(text: str) -> str:
+    """``extern __shared__ [__align__(n)] T name[];`` (dynamic shared memory) -> ``T* name =
+    static_cast<T*>(::cuda_emu::dynamic_shared());``, the block's buffer in the emulator."""
+    return _DYNAMIC_SHARED.sub(r"\1* \2 = static_cast<\1*>(::cuda_emu::dynamic_shared());", text)
+
+
 def _translate_kernels() -> list[Path]:
     """csrc/cuda/*.cu (and selftest.cu here) -> build/cuda-emu/src/*.cpp, the emulator first."""
     src_dir = BUILD_DIR / "src"
     src_dir.mkdir(parents=True, exist_ok=True)
     outputs = []
     for cu in [*sorted((CSRC / "cuda").glob("*.cu")), HERE / "selftest.cu"]:
-        text = f'#include "cuda_emu.h"\n#line 1 "{cu}"\n' + rewrite_launches(cu.read_text())
+        text = f'#include "cuda_emu.h"\n#line 1 "{cu}"\n' + rewrite_launches(rewrite_dynamic_shared(cu.read_text()))
         out = src_dir / f"{cu.stem}.cpp"
         if not out.exists() or out.read_text() != text:  # an unchanged file keeps ninja's object
             out.write_text(text)
@@ -101,6 +112,7 @@ def _translate_kernels() -> list[Path]:
 
 
 _ATEN_LIBRARY = None
+_MIXED_MM_CALLS = 0
 
 
 def _register_mixed_precision_mm() -> None:
@@ -113,9 +125,13 @@ def _register_mixed_precision_mm() -> None:
         return
 
     def mm_dtype(a, b, out_dtype):
+        global _MIXED_MM_CALLS
+        _MIXED_MM_CALLS += 1
         return torch.mm(a.to(out_dtype), b.to(out_dtype))
 
     def mm_dtype_out(a, b, out_dtype, *, out):
+        global _MIXED_MM_CALLS
+        _MIXED_MM_CALLS += 1
         return torch.mm(a.to(out_dtype), b.to(out_dtype), out=out)
 
     _ATEN_LIBRARY = torch.library.Library("aten", "IMPL")
@@ -162,6 +178,12 @@ def launch_count() -> int:
     """Kernel launches the emulator has run in this process."""
     install()
     return int(_LOADED.cuda_emu_launch_count())
+
+
+def mixed_mm_calls() -> int:
+    """Calls of the CPU ``aten::mm.dtype`` kernels registered here so far: the bf16/fp16 GEMMs of
+    the CUDA glue's tiled path (the fused kernels make their logits themselves)."""
+    return _MIXED_MM_CALLS
 
 
 def set_seed(seed: int) -> None:

@@ -1,7 +1,11 @@
 // Kernels that test the emulator itself (tests/test_cuda_emulated.py, through
 // selftest_ops.cpp): a block reduction by shuffles and shared memory, a
-// barrier some threads skip, and a race between two sync points.
+// barrier some threads skip, a race between two sync points, and a warp's
+// 16 x 16 x 16 tensor-core product in dynamic shared memory (with and without
+// the __syncwarp between the store and a read of other lanes' elements).
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cstdint>
 
@@ -40,7 +44,50 @@ __global__ void racy_write_kernel(int* out) {
   if (threadIdx.x == 0) *out = word;
 }
 
+// One warp: c = a b (bf16 16 x 16 inputs, row-major) through dynamic shared
+// memory; with sync = false, lane 0 sums c from shared memory right after the
+// store, without the __syncwarp that makes the other lanes' elements visible.
+__global__ void wmma_product_kernel(const __nv_bfloat16* a, const __nv_bfloat16* b, float* c, float* sum, bool sync) {
+  namespace wmma = nvcuda::wmma;
+  extern __shared__ __align__(128) unsigned char smem[];
+  __nv_bfloat16* sa = reinterpret_cast<__nv_bfloat16*>(smem);
+  __nv_bfloat16* sb = sa + 256;
+  float* sc = reinterpret_cast<float*>(sb + 256);
+  for (int e = threadIdx.x; e < 256; e += 32) {
+    sa[e] = a[e];
+    sb[e] = b[e];
+    sc[e] = 0.0f;
+  }
+  __syncwarp();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
+  wmma::fill_fragment(fc, 0.0f);
+  wmma::load_matrix_sync(fa, sa, 16);
+  wmma::load_matrix_sync(fb, sb, 16);
+  wmma::mma_sync(fc, fa, fb, fc);
+  wmma::store_matrix_sync(sc, fc, 16, wmma::mem_row_major);
+  if (sync) __syncwarp();
+  if (threadIdx.x == 0) {
+    float total = 0;
+    for (int e = 0; e < 256; ++e) total += sc[e];
+    *sum = total;
+  }
+  __syncwarp();
+  for (int e = threadIdx.x; e < 256; e += 32) c[e] = sc[e];
+}
+
 }  // namespace
+
+// shared_bytes of dynamic shared memory (at least 2 KiB), after opting in to opt_in_bytes (0: no opt-in).
+void wmma_product(const void* a, const void* b, float* c, float* sum, bool sync, int shared_bytes, int opt_in_bytes,
+                  cudaStream_t stream) {
+  if (opt_in_bytes > 0) {
+    cudaFuncSetAttribute(wmma_product_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, opt_in_bytes);
+  }
+  wmma_product_kernel<<<1, 32, shared_bytes, stream>>>(static_cast<const __nv_bfloat16*>(a),
+                                                       static_cast<const __nv_bfloat16*>(b), c, sum, sync);
+}
 
 void block_sum(const float* x, float* out, float* out_xor, int blocks, int threads, cudaStream_t stream) {
   block_sum_kernel<<<blocks, threads, 0, stream>>>(x, out, out_xor);

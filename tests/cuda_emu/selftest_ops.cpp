@@ -9,6 +9,8 @@ namespace cuda_emu_selftest {
 void block_sum(const float* x, float* out, float* out_xor, int blocks, int threads, cudaStream_t stream);
 void divergent_barrier(int* out, int threads, cudaStream_t stream);
 void racy_write(int* out, int threads, cudaStream_t stream);
+void wmma_product(const void* a, const void* b, float* c, float* sum, bool sync, int shared_bytes, int opt_in_bytes,
+                  cudaStream_t stream);
 
 namespace {
 std::tuple<at::Tensor, at::Tensor> block_sum_op(const at::Tensor& x, int64_t threads) {
@@ -32,6 +34,18 @@ int64_t racy_write_op(int64_t threads) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out.item<int>();
 }
+std::tuple<at::Tensor, at::Tensor> wmma_product_op(const at::Tensor& a, const at::Tensor& b, bool sync,
+                                                   int64_t shared_bytes, int64_t opt_in_bytes) {
+  TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && a.numel() == 256 &&
+              b.numel() == 256, "a and b: 16 x 16 bf16");
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  at::Tensor c = at::empty({16, 16}, at::kFloat);
+  at::Tensor sum = at::empty({}, at::kFloat);
+  wmma_product(ac.data_ptr(), bc.data_ptr(), c.data_ptr<float>(), sum.data_ptr<float>(), sync, int(shared_bytes),
+               int(opt_in_bytes), nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {c, sum};
+}
 }  // namespace
 }  // namespace cuda_emu_selftest
 
@@ -39,4 +53,6 @@ TORCH_LIBRARY(cuda_emu_selftest, m) {
   m.def("block_sum(Tensor x, int threads) -> (Tensor, Tensor)", &cuda_emu_selftest::block_sum_op);
   m.def("divergent_barrier(int threads) -> Tensor", &cuda_emu_selftest::divergent_barrier_op);
   m.def("racy_write(int threads) -> int", &cuda_emu_selftest::racy_write_op);
+  m.def("wmma_product(Tensor a, Tensor b, bool sync, int shared_bytes, int opt_in_bytes) -> (Tensor, Tensor)",
+        &cuda_emu_selftest::wmma_product_op);
 }

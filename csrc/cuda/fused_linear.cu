@@ -1,0 +1,450 @@
+// The fused linear loss kernels (declared in fused_linear.h).
+//
+// A block of 8 warps works on logit tiles of kFusedRows x kFusedClasses:
+//   1. the student's W rows of the tile's classes ([128, d]) and the X rows of
+//      the tile's rows ([64, d]) sit in shared memory (d padded to 16, zeros);
+//   2. f = X W^T by WMMA (each warp a 32 x 32 corner: 2 x 2 fragments) into a
+//      float tile in shared memory; a linear teacher's s the same way, with its
+//      d_t staged in chunks of kFusedTeacherChunk;
+//   3. each warp takes 8 of the tile's rows, a row at a time, and runs the
+//      per-row maths of row_math.cuh on it (WarpGroup);
+//   4. backward only: dL/df, in place of f, rounded to the input dtype, then
+//      dX += G W (float atomics into grad_hidden) and dW += G^T X (fragments
+//      kept in registers across the row blocks: each block owns its classes).
+// The forward's blocks each own a strided set of class tiles and loop over all
+// rows for each (W read once, X from L2); the backward's own one class tile.
+#include "fused_linear.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "row_math.cuh"
+
+namespace kdfast::cuda {
+namespace {
+
+using namespace row_math;
+namespace wmma = nvcuda::wmma;
+
+constexpr int kThreads = 256;  // 8 warps
+constexpr int kWarps = kThreads / 32;
+constexpr int kRows = kFusedRows, kClasses = kFusedClasses, kChunk = kFusedTeacherChunk;
+constexpr int kLdF = kClasses + 4;    // float tiles' row stride (a multiple of 4, rows 32-byte aligned)
+constexpr int kLdG = kClasses + 8;    // the bf16 gradient tile's (a multiple of 8)
+constexpr int kLdChunk = kChunk + 8;  // the teacher's staging tiles'
+
+__host__ __device__ constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
+
+// Where each array sits in the block's dynamic shared memory (byte offsets).
+struct Layout {
+  int d_pad = 0, ld = 0;  // d rounded up to 16; the row stride of the X and W tiles (d_pad + 8)
+  int64_t w = 0, x = 0, f = 0, s = 0, stage = 0, grad = 0, keep = 0, bias_grad = 0, total = 0;
+};
+
+__host__ __device__ Layout make_layout(int64_t d, FusedTeacher teacher, bool backward) {
+  Layout l;
+  l.d_pad = static_cast<int>((d + 15) / 16 * 16);
+  l.ld = l.d_pad + 8;
+  int64_t at = 0;
+  auto take = [&](int64_t bytes) {
+    const int64_t where = at;
+    at += align128(bytes);
+    return where;
+  };
+  l.w = take(int64_t(kClasses) * l.ld * 2);
+  l.x = take(int64_t(kRows) * l.ld * 2);
+  l.f = take(int64_t(kRows) * kLdF * 4);
+  if (teacher != FusedTeacher::None) l.s = take(int64_t(kRows) * kLdF * 4);
+  // the teacher's staging (used before f is made) and the gradient tile (after) share their place
+  int64_t stage_bytes = teacher == FusedTeacher::Linear ? int64_t(kRows + kClasses) * kLdChunk * 2 : 0;
+  if (backward) stage_bytes = stage_bytes > int64_t(kRows) * kLdG * 2 ? stage_bytes : int64_t(kRows) * kLdG * 2;
+  if (stage_bytes > 0) l.stage = l.grad = take(stage_bytes);
+  if (backward) {
+    l.keep = take(kClasses * 4);
+    l.bias_grad = take(kClasses * 4);
+  }
+  l.total = at;
+  return l;
+}
+
+template <typename in_t>
+__device__ __forceinline__ float to_float(in_t x);
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <typename in_t>
+__device__ __forceinline__ in_t from_float(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
+template <>
+__device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
+
+// dst[r * ld + c] <- src[r * ld_src + c] for r < rows, c < cols, zero for the
+// rest of [kRowsOut, cols_pad]: the block's threads share the copy.
+template <typename in_t, int kRowsOut>
+__device__ void load_rows(in_t* dst, int ld, const in_t* src, int64_t ld_src, int64_t rows, int64_t cols,
+                          int cols_pad) {
+  const in_t zero = from_float<in_t>(0.0f);
+  for (int e = threadIdx.x; e < kRowsOut * cols_pad; e += kThreads) {
+    const int r = e / cols_pad, c = e % cols_pad;
+    dst[r * ld + c] = (r < rows && c < cols) ? src[r * ld_src + c] : zero;
+  }
+}
+
+using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// A warp's 32 x 32 corner of a [kRows, kClasses] logit tile.
+struct LogitCorner {
+  Accumulator c[2][2];
+  __device__ void zero() {
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(c[i][j], 0.0f);
+  }
+};
+__device__ __forceinline__ int corner_row() { return (threadIdx.x / 32) / 4 * 32; }
+__device__ __forceinline__ int corner_col() { return (threadIdx.x / 32) % 4 * 32; }
+
+// acc += x[corner rows, :k] w[corner classes, :k]^T; x and w row-major with
+// row stride ld, k a multiple of 16.
+template <typename in_t>
+__device__ void mma_logits(LogitCorner& acc, const in_t* x, int ld_x, const in_t* w, int ld_w, int k) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, in_t, wmma::row_major> a[2];
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, in_t, wmma::col_major> b[2];
+  const int r0 = corner_row(), c0 = corner_col();
+  for (int k0 = 0; k0 < k; k0 += 16) {
+    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], x + (r0 + 16 * i) * ld_x + k0, ld_x);
+    for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], w + (c0 + 16 * j) * ld_w + k0, ld_w);
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc.c[i][j], a[i], b[j], acc.c[i][j]);
+  }
+}
+
+__device__ void store_logits(const LogitCorner& acc, float* out) {
+  const int r0 = corner_row(), c0 = corner_col();
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(out + (r0 + 16 * i) * kLdF + c0 + 16 * j, acc.c[i][j], kLdF, wmma::mem_row_major);
+}
+
+// The parts of a block's shared memory, from the layout.
+template <typename in_t>
+struct Tiles {
+  in_t* w;     // [kClasses, ld] the student's weight rows of the tile's classes
+  in_t* x;     // [kRows, ld] the student's hidden rows of the tile's rows
+  float* f;    // [kRows, kLdF] logits, then (backward) dL/df
+  float* s;    // [kRows, kLdF] the teacher's logits, or null
+  in_t* stage_x;  // [kRows, kLdChunk], [kClasses, kLdChunk]: a linear teacher's chunks
+  in_t* stage_w;
+  in_t* grad;  // [kRows, kLdG] dL/df in the input dtype (backward)
+  int* keep;   // [kClasses] filter flags of the tile's class groups (backward)
+  float* bias_grad;  // [kClasses] (backward)
+};
+
+template <typename in_t>
+__device__ Tiles<in_t> tiles(unsigned char* smem, const Layout& l) {
+  Tiles<in_t> t;
+  t.w = reinterpret_cast<in_t*>(smem + l.w);
+  t.x = reinterpret_cast<in_t*>(smem + l.x);
+  t.f = reinterpret_cast<float*>(smem + l.f);
+  t.s = l.s ? reinterpret_cast<float*>(smem + l.s) : nullptr;
+  t.stage_x = reinterpret_cast<in_t*>(smem + l.stage);
+  t.stage_w = t.stage_x + kRows * kLdChunk;
+  t.grad = reinterpret_cast<in_t*>(smem + l.grad);
+  t.keep = reinterpret_cast<int*>(smem + l.keep);
+  t.bias_grad = reinterpret_cast<float*>(smem + l.bias_grad);
+  return t;
+}
+
+// Rows [r0, r0 + kRows) x classes [c0, c0 + kClasses) of the logits: X rows into
+// t.x, the student's logits (no bias yet) into t.f and a linear teacher's into
+// t.s; t.w already holds the tile's weight rows. Starts and ends with a barrier.
+template <typename in_t>
+__device__ void make_logits(const FusedLinearArgs& a, const Layout& l, const Tiles<in_t>& t, int64_t r0, int64_t c0) {
+  const int64_t rows = min(int64_t(kRows), a.B - r0), classes = min(int64_t(kClasses), a.V - c0);
+  __syncthreads();  // the previous row block is done with x, f and s
+  load_rows<in_t, kRows>(t.x, l.ld, static_cast<const in_t*>(a.hidden) + r0 * a.d, a.d, rows, a.d, l.d_pad);
+  if (a.teacher == FusedTeacher::Linear) {
+    LogitCorner acc;
+    acc.zero();
+    for (int64_t k0 = 0; k0 < a.d_t; k0 += kChunk) {
+      const int64_t kn = min(int64_t(kChunk), a.d_t - k0);
+      __syncthreads();  // the previous chunk is consumed
+      load_rows<in_t, kRows>(t.stage_x, kLdChunk, static_cast<const in_t*>(a.teacher_hidden) + r0 * a.d_t + k0,
+                             a.d_t, rows, kn, kChunk);
+      load_rows<in_t, kClasses>(t.stage_w, kLdChunk, static_cast<const in_t*>(a.teacher_weight) + c0 * a.d_t + k0,
+                                a.d_t, classes, kn, kChunk);
+      __syncthreads();
+      mma_logits(acc, t.stage_x, kLdChunk, t.stage_w, kLdChunk, kChunk);
+    }
+    store_logits(acc, t.s);
+  }
+  __syncthreads();  // x is loaded
+  LogitCorner acc;
+  acc.zero();
+  mma_logits(acc, t.x, l.ld, t.w, l.ld, l.d_pad);
+  store_logits(acc, t.f);
+  __syncthreads();
+}
+
+// The row's biases added, and a dense or top-k teacher's logits put in its s
+// row; by the row's warp, which syncs at the end.
+template <typename in_t>
+__device__ void finish_row_logits(const FusedLinearArgs& a, int64_t i, int64_t c0, int64_t n, float* f, float* s) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t j = lane; j < n; j += 32) {
+    if (a.bias) f[j] += a.bias[c0 + j];
+    if (a.teacher == FusedTeacher::Linear && a.teacher_bias) s[j] += a.teacher_bias[c0 + j];
+    if (a.teacher == FusedTeacher::Dense) s[j] = to_float(static_cast<const in_t*>(a.teacher_logits)[i * a.V + c0 + j]);
+    if (a.teacher == FusedTeacher::TopK) s[j] = neg_inf<float>();
+  }
+  if (a.teacher == FusedTeacher::TopK) {
+    __syncwarp();  // the -inf land before the teacher's classes
+    for (int64_t q = lane; q < a.k; q += 32) {
+      const int64_t c = a.topk_indices[i * a.k + q];
+      if (c >= c0 && c < c0 + n) s[c - c0] = a.topk_logits[i * a.k + q];
+    }
+  }
+  __syncwarp();
+}
+
+// The tile's weight rows [c0, c0 + kClasses) into t.w (zeros past V or d).
+template <typename in_t>
+__device__ void load_weight_tile(const FusedLinearArgs& a, const Layout& l, const Tiles<in_t>& t, int64_t c0) {
+  __syncthreads();  // the previous tile is done with w
+  load_rows<in_t, kClasses>(t.w, l.ld, static_cast<const in_t*>(a.weight) + c0 * a.d, a.d,
+                            min(int64_t(kClasses), a.V - c0), a.d, l.d_pad);
+}
+
+// Block b folds the class tiles b, b + splits, ... of every row into partial[b].
+template <typename in_t>
+__global__ void __launch_bounds__(kThreads) fused_forward_kernel(LossTerms p, Targets targets, FusedLinearArgs a,
+                                                                 float* partial) {
+  extern __shared__ __align__(128) unsigned char fused_smem[];
+  const Layout l = make_layout(a.d, a.teacher, false);
+  const Tiles<in_t> t = tiles<in_t>(fused_smem, l);
+  const int64_t num_tiles = (a.V + kClasses - 1) / kClasses;
+  float* my_partial = partial + int64_t(blockIdx.x) * a.B * kNumRowState;
+  const int warp = threadIdx.x / 32;
+  for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const int64_t c0 = tile * kClasses, n = min(int64_t(kClasses), a.V - c0);
+    load_weight_tile(a, l, t, c0);
+    for (int64_t r0 = 0; r0 < a.B; r0 += kRows) {
+      make_logits(a, l, t, r0, c0);
+      for (int r = warp; r < kRows && r0 + r < a.B; r += kWarps) {
+        const int64_t i = r0 + r;
+        float* f = t.f + r * kLdF;
+        float* s = t.s ? t.s + r * kLdF : nullptr;
+        finish_row_logits<in_t>(a, i, c0, n, f, s);
+        float st[kNumRowState];
+        float* saved = my_partial + i * kNumRowState;
+        if (tile == blockIdx.x) {
+          empty_row_state(st);
+        } else {
+          for (int j = 0; j < kNumRowState; ++j) st[j] = saved[j];
+        }
+        RowTarget y;
+        if (row_target(targets, i, y)) {
+          accumulate_row(p, y, f, s, a.lse_w ? a.lse_w + 2 * i : nullptr, n, c0, st, WarpGroup<float>{});
+        }
+        __syncwarp();  // every lane has read the saved state
+        if (threadIdx.x % 32 == 0) {
+          for (int j = 0; j < kNumRowState; ++j) saved[j] = st[j];
+        }
+      }
+    }
+  }
+}
+
+// One thread per row: state = partial[0] merged with partial[1], ... in order.
+__global__ void merge_states_kernel(LossTerms p, const float* partial, int64_t splits, int64_t B, float* state) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= B) return;
+  float st[kNumRowState];
+  for (int j = 0; j < kNumRowState; ++j) st[j] = partial[i * kNumRowState + j];
+  for (int64_t b = 1; b < splits; ++b) merge_row_state(p, st, partial + (b * B + i) * kNumRowState);
+  for (int j = 0; j < kNumRowState; ++j) state[i * kNumRowState + j] = st[j];
+}
+
+// The warp's dW fragments: its 16 classes of the tile by up to kFusedMaxDim dims.
+constexpr int kDimFrags = kFusedMaxDim / 16;
+
+// Block b owns class tile b: for every row block, dL/df of the tile, then
+// dX += G W (atomics) and dW += G^T X (registers); dW and the bias's gradient
+// written at the end.
+template <typename in_t>
+__global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, Targets targets, FusedLinearArgs a,
+                                                                  const float* stats, const float* grad_losses,
+                                                                  float filter_eps, int64_t filter_group,
+                                                                  float* grad_hidden, in_t* grad_weight,
+                                                                  float* grad_bias) {
+  extern __shared__ __align__(128) unsigned char fused_smem[];
+  const Layout l = make_layout(a.d, a.teacher, true);
+  const Tiles<in_t> t = tiles<in_t>(fused_smem, l);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t c0 = int64_t(blockIdx.x) * kClasses, n = min(int64_t(kClasses), a.V - c0);
+  const int dim_frags = l.d_pad / 16;
+  const bool filtering = filter_eps > 0;
+  const int64_t group0 = c0 / filter_group;  // the tile's first class group
+  Accumulator dw[kDimFrags];
+  for (int q = 0; q < kDimFrags; ++q) wmma::fill_fragment(dw[q], 0.0f);
+  for (int j = threadIdx.x; j < kClasses; j += kThreads) t.bias_grad[j] = 0.0f;
+  load_weight_tile(a, l, t, c0);
+  for (int64_t r0 = 0; r0 < a.B; r0 += kRows) {
+    const int64_t rows = min(int64_t(kRows), a.B - r0);
+    for (int j = threadIdx.x; j < kClasses; j += kThreads) t.keep[j] = filtering ? 0 : 1;
+    make_logits(a, l, t, r0, c0);
+    // dL/df in place of f, row by row; rows that contribute nothing (and those past B) zero
+    for (int r = warp; r < kRows; r += kWarps) {
+      const int64_t i = r0 + r;
+      float* f = t.f + r * kLdF;
+      float* s = t.s ? t.s + r * kLdF : nullptr;
+      RowTarget y;
+      if (i < a.B && row_target(targets, i, y)) {
+        finish_row_logits<in_t>(a, i, c0, n, f, s);
+        const float scale = grad_losses[i];
+        gradient_row(p, y, stats + i * kNumRowStats, a.lse_w ? a.lse_w + 2 * i : nullptr, f, s, scale, n, c0, f,
+                     WarpGroup<float>{});
+        __syncwarp();  // lane 0's corrections at the positives land
+        if (filtering) {
+          const float limit = filter_eps * fabsf(scale);
+          for (int64_t j = lane; j < n; j += 32) {
+            if (!(fabsf(f[j]) <= limit)) t.keep[(c0 + j) / filter_group - group0] = 1;  // NaN keeps
+          }
+        }
+        for (int64_t j = n + lane; j < kClasses; j += 32) f[j] = 0.0f;
+      } else {
+        for (int j = lane; j < kClasses; j += 32) f[j] = 0.0f;
+      }
+    }
+    // a block whose every class group is negligible adds nothing (the same on every thread);
+    // the barrier first: each thread's predicate reads flags that other warps set
+    __syncthreads();
+    const int kept_any = __syncthreads_or(threadIdx.x < kClasses && t.keep[threadIdx.x] != 0);
+    if (!kept_any) continue;
+    // G in the input dtype, the negligible groups zeroed; the bias's gradient summed in row order
+    for (int e = threadIdx.x; e < kRows * kClasses; e += kThreads) {
+      const int r = e / kClasses, j = e % kClasses;
+      const bool kept = t.keep[(c0 + j) / filter_group - group0] != 0 || j >= n;
+      const float g = kept ? t.f[r * kLdF + j] : 0.0f;
+      t.f[r * kLdF + j] = g;
+      t.grad[r * kLdG + j] = from_float<in_t>(g);
+    }
+    __syncthreads();
+    if (a.bias) {
+      for (int j = threadIdx.x; j < kClasses; j += kThreads) {
+        float sum = 0;
+        for (int r = 0; r < rows; ++r) sum += t.f[r * kLdF + j];
+        t.bias_grad[j] += sum;
+      }
+    }
+    __syncthreads();  // f is read: the dX corners go there
+    // dX[rows, :d] = G W: warp w takes fragments w, w + 8, ... of the [kRows, d_pad] result
+    for (int q = warp; q < (kRows / 16) * dim_frags; q += kWarps) {
+      const int fr = q / dim_frags, fc = q % dim_frags;
+      Accumulator acc;
+      wmma::fill_fragment(acc, 0.0f);
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, in_t, wmma::row_major> ga;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, in_t, wmma::row_major> wb;
+      for (int k0 = 0; k0 < kClasses; k0 += 16) {
+        wmma::load_matrix_sync(ga, t.grad + fr * 16 * kLdG + k0, kLdG);
+        wmma::load_matrix_sync(wb, t.w + k0 * l.ld + fc * 16, l.ld);
+        wmma::mma_sync(acc, ga, wb, acc);
+      }
+      wmma::store_matrix_sync(t.f + fr * 16 * kLdF + fc * 16, acc, kLdF, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < rows * a.d; e += kThreads) {
+      const int r = e / a.d, c = e % a.d;
+      atomicAdd(grad_hidden + (r0 + r) * a.d + c, t.f[r * kLdF + c]);
+    }
+    // dW[warp's 16 classes, :d_pad] += G^T X (G^T: the gradient tile read column-major)
+    for (int k0 = 0; k0 < kRows; k0 += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, in_t, wmma::col_major> gt;
+      wmma::load_matrix_sync(gt, t.grad + k0 * kLdG + warp * 16, kLdG);
+#pragma unroll
+      for (int q = 0; q < kDimFrags; ++q) {
+        if (q < dim_frags) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, in_t, wmma::row_major> xb;
+          wmma::load_matrix_sync(xb, t.x + k0 * l.ld + q * 16, l.ld);
+          wmma::mma_sync(dw[q], gt, xb, dw[q]);
+        }
+      }
+    }
+  }
+  // dW out through a 16 x 16 float patch per warp (in f, free now), rounded to the input dtype
+  __syncthreads();
+  float* patch = t.f + warp * 256;
+#pragma unroll
+  for (int q = 0; q < kDimFrags; ++q) {
+    if (q < dim_frags) {
+      wmma::store_matrix_sync(patch, dw[q], 16, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int64_t cls = warp * 16 + e / 16, dim = q * 16 + e % 16;
+        if (cls < n && dim < a.d) grad_weight[(c0 + cls) * a.d + dim] = from_float<in_t>(patch[e]);
+      }
+      __syncwarp();  // the patch is read before the next fragment
+    }
+  }
+  if (grad_bias) {
+    for (int j = threadIdx.x; j < n; j += kThreads) grad_bias[c0 + j] = t.bias_grad[j];
+  }
+}
+
+template <typename Kernel>
+void allow_shared(Kernel* kernel, int64_t bytes) {
+  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+}
+
+template <typename in_t>
+void launch_forward(const LossTerms& p, const Targets& targets, const FusedLinearArgs& a, int64_t splits,
+                    float* partial, float* state, cudaStream_t stream) {
+  const Layout l = make_layout(a.d, a.teacher, false);
+  allow_shared(fused_forward_kernel<in_t>, l.total);
+  fused_forward_kernel<in_t><<<static_cast<unsigned>(splits), kThreads, l.total, stream>>>(p, targets, a, partial);
+  merge_states_kernel<<<static_cast<unsigned>((a.B + 255) / 256), 256, 0, stream>>>(p, partial, splits, a.B, state);
+}
+
+}  // namespace
+
+bool fused_linear_supported(const FusedLinearArgs& args, bool backward) {
+  if (args.d < 1 || args.d > kFusedMaxDim) return false;
+  if (backward && args.input != FusedInput::BFloat16) return false;
+  return make_layout(args.d, args.teacher, backward).total <= 160 * 1024;
+}
+
+int64_t fused_forward_splits(int64_t B, int64_t V) {
+  // enough blocks to fill a large GPU, with the partial states within 32 MiB (they stay in L2)
+  const int64_t num_tiles = (V + kClasses - 1) / kClasses;
+  const int64_t by_memory = (int64_t(32) << 20) / (std::max<int64_t>(B, 1) * kNumRowState * 4);
+  return std::max<int64_t>(1, std::min<int64_t>({num_tiles, by_memory, 1024}));
+}
+
+void fused_linear_forward(const LossTerms& terms, const Targets& targets, const FusedLinearArgs& args,
+                          int64_t splits, float* partial, float* state, cudaStream_t stream) {
+  if (args.B <= 0 || args.V <= 0) return;
+  if (args.input == FusedInput::BFloat16) {
+    launch_forward<__nv_bfloat16>(terms, targets, args, splits, partial, state, stream);
+  } else {
+    launch_forward<__half>(terms, targets, args, splits, partial, state, stream);
+  }
+}
+
+void fused_linear_backward(const LossTerms& terms, const Targets& targets, const FusedLinearArgs& args,
+                           const float* stats, const float* grad_losses, double filter_eps, int64_t filter_group,
+                           float* grad_hidden, void* grad_weight, float* grad_bias, cudaStream_t stream) {
+  if (args.B <= 0 || args.V <= 0) return;
+  const Layout l = make_layout(args.d, args.teacher, true);
+  const unsigned blocks = static_cast<unsigned>((args.V + kClasses - 1) / kClasses);
+  allow_shared(fused_backward_kernel<__nv_bfloat16>, l.total);
+  fused_backward_kernel<__nv_bfloat16><<<blocks, kThreads, l.total, stream>>>(
+      terms, targets, args, stats, grad_losses, static_cast<float>(filter_eps), std::max<int64_t>(filter_group, 1),
+      grad_hidden, static_cast<__nv_bfloat16*>(grad_weight), grad_bias);
+}
+
+}  // namespace kdfast::cuda

@@ -1,0 +1,78 @@
+// The fused linear loss on the device in one pass per direction, as Cut
+// Cross-Entropy does it: a block computes a tile of logits (kFusedRows rows by
+// kFusedClasses classes) with tensor cores (WMMA, bf16/fp16 inputs, float
+// accumulators) into shared memory and reduces it there, so no logits, student's
+// or teacher's, reach global memory. Raw pointers, sizes and a stream only, as
+// loss_tiles.h; csrc/cuda_ops.cpp takes this path for bf16 / fp16 inputs with
+// d (and a linear teacher's d_t) fitting (fused_linear_supported), and the
+// tile-by-tile cuBLAS path otherwise.
+//
+//   forward:  fused_linear_forward -> per-row running states (each block folds
+//             its classes into its own partial states, then a merge in block
+//             order: deterministic), then loss_tiles.h's finish_rows;
+//   backward: fused_linear_backward -> grad_hidden (float, added to with
+//             atomics: its summation order varies from run to run),
+//             grad_weight and grad_bias (each class tile's written once, by the
+//             block that owns it: deterministic).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "loss_tiles.h"
+
+namespace kdfast::cuda {
+
+constexpr int kFusedRows = 64;      // rows of a logit tile
+constexpr int kFusedClasses = 128;  // classes of a logit tile
+constexpr int kFusedMaxDim = 128;   // the student's d the fused kernels take
+constexpr int kFusedTeacherChunk = 64;  // a linear teacher's d_t, staged in chunks of this many
+
+enum class FusedInput { BFloat16, Float16 };  // the dtype of hidden, weight (and teacher)
+enum class FusedTeacher { None, Dense, Linear, TopK };
+
+struct FusedLinearArgs {
+  FusedInput input = FusedInput::BFloat16;
+  int64_t B = 0, V = 0, d = 0;
+  const void* hidden = nullptr;  // [B, d], row-major, input dtype
+  const void* weight = nullptr;  // [V, d]
+  const float* bias = nullptr;   // [V] or null
+  FusedTeacher teacher = FusedTeacher::None;
+  const void* teacher_logits = nullptr;  // Dense: [B, V], input dtype
+  int64_t d_t = 0;                       // Linear: hidden [B, d_t], weight [V, d_t], bias [V] or null
+  const void* teacher_hidden = nullptr;
+  const void* teacher_weight = nullptr;
+  const float* teacher_bias = nullptr;
+  int64_t k = 0;  // TopK: indices and logits [B, k]
+  const int64_t* topk_indices = nullptr;
+  const float* topk_logits = nullptr;
+  const float* lse_w = nullptr;  // [B, 2] (max, log-sum) for one_minus_prob weights, or null
+};
+
+// Whether the fused kernels take these inputs: d <= kFusedMaxDim, and for the
+// backward bf16 only (fp16's range would flush small dL/df entries to zero:
+// cuda_ops.cpp's float GEMMs keep them).
+bool fused_linear_supported(const FusedLinearArgs& args, bool backward);
+
+// The number of class splits of the forward (blocks, each with its own partial
+// states [B, kNumRowState]) for these sizes.
+int64_t fused_forward_splits(int64_t B, int64_t V);
+
+// partial [splits, B, kNumRowState] (scratch) -> state [B, kNumRowState], the
+// running state of every row over all classes.
+void fused_linear_forward(const LossTerms& terms, const Targets& targets, const FusedLinearArgs& args,
+                          int64_t splits, float* partial, float* state, cudaStream_t stream);
+
+// grad_hidden [B, d] float, zeroed by the caller, += dL/dhidden; grad_weight
+// [V, d] (input dtype) and grad_bias [V] (float, or null) <- dL/dweight, dL/dbias.
+// stats [B, kNumRowStats] from the forward, grad_losses [B]. filter_eps > 0:
+// within each block's kFusedRows rows, a group of filter_group classes (groups
+// counted from class 0) whose every |dL/df| entry is at most filter_eps times its
+// row's |upstream gradient| adds nothing (the CPU's gradient filter, per group of
+// rows as well as of classes).
+void fused_linear_backward(const LossTerms& terms, const Targets& targets, const FusedLinearArgs& args,
+                           const float* stats, const float* grad_losses, double filter_eps, int64_t filter_group,
+                           float* grad_hidden, void* grad_weight, float* grad_bias, cudaStream_t stream);
+
+}  // namespace kdfast::cuda
