@@ -15,8 +15,8 @@
 //   So the logits of one tile, not of the batch, reach global memory. The
 //   backward's gradient filter gives the CPU's results (a tile whose every
 //   dL/dF entry is negligible adds nothing), but its GEMMs still run.
-// The one_minus_prob pre-pass over a dense or linear teacher (its log-partition)
-// runs tiled on both paths.
+// The one_minus_prob weights' pre-pass over a dense or linear teacher (its
+// log-partition) runs fused or tiled with the rest.
 // The forward ops check index values on the host (kernel_utils.h): one sync,
 // skipped while the stream is captured into a CUDA graph; the backward ops do
 // not check them again.
@@ -239,21 +239,27 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_I
   at::Tensor stats = at::empty({in.B, cpu::kNumRowStats}, opts);
   const LossTerms terms = loss_terms(cfg);
   const Targets targets = device_targets(in, cfg.ignore_index);
-  if (in.acc_type == at::kFloat && in.hidden_in.scalar_type() != at::kFloat) {
-    at::Tensor s_buf =
-        cfg.needs_teacher_prepass() && in.teacher != TeacherKind::TopK ? at::empty({in.B * tile}, opts) : at::Tensor();
-    const at::Tensor lse_w = weights_lse_forward<float>(cfg, in, tile, s_buf);
-    if (const auto fa = fused_args(cfg, in, lse_w, false)) {
-      const int64_t splits = fused_forward_splits(in.B, in.V);
-      at::Tensor partial = at::empty({splits, in.B, kNumRowState}, opts);
-      at::Tensor state = at::empty({in.B, kNumRowState}, opts);
-      fused_linear_forward(terms, targets, *fa, splits, partial.data_ptr<float>(), state.data_ptr<float>(),
-                           current_stream());
-      finish_rows<float>(terms, targets, state.data_ptr<float>(), in.B, losses.data_ptr<float>(),
-                         stats.data_ptr<float>(), current_stream());
-      check_launches();
-      return {losses.to(hidden.scalar_type()), stats};
+  if (auto fa = fused_args(cfg, in, at::Tensor(), false)) {
+    const int64_t splits = fused_forward_splits(in.B, in.V);
+    at::Tensor lse_w;  // the one_minus_prob weights' log-partition: stored (top-k) or a fused pre-pass
+    if (cfg.needs_teacher_prepass()) {
+      if (in.teacher == TeacherKind::TopK) {
+        lse_w = at::stack({in.topk_lse, at::zeros_like(in.topk_lse)}, 1).contiguous();
+      } else {
+        lse_w = at::empty({in.B, 2}, opts);
+        at::Tensor lse_partial = at::empty({splits, in.B, 2}, opts);
+        fused_teacher_lse(*fa, splits, lse_partial.data_ptr<float>(), lse_w.data_ptr<float>(), current_stream());
+      }
+      fa->lse_w = lse_w.data_ptr<float>();
     }
+    at::Tensor partial = at::empty({splits, in.B, kNumRowState}, opts);
+    at::Tensor state = at::empty({in.B, kNumRowState}, opts);
+    fused_linear_forward(terms, targets, *fa, splits, partial.data_ptr<float>(), state.data_ptr<float>(),
+                         current_stream());
+    finish_rows<float>(terms, targets, state.data_ptr<float>(), in.B, losses.data_ptr<float>(),
+                       stats.data_ptr<float>(), current_stream());
+    check_launches();
+    return {losses.to(hidden.scalar_type()), stats};
   }
   AT_DISPATCH_FLOATING_TYPES(in.acc_type, "fused_linear_loss_forward_cuda", [&] {
     at::Tensor f_buf = at::empty({in.B * tile}, opts);

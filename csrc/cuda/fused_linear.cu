@@ -42,9 +42,10 @@ __host__ __device__ constexpr int64_t align128(int64_t bytes) { return (bytes + 
 // Where each array sits in the block's dynamic shared memory (byte offsets).
 struct Layout {
   int d_pad = 0, ld = 0;  // d rounded up to 16; the row stride of the X and W tiles (d_pad + 8)
-  int64_t w = 0, x = 0, f = 0, s = 0, stage = 0, grad = 0, keep = 0, bias_grad = 0, total = 0;
+  int64_t w = -1, x = -1, f = -1, s = -1, stage = -1, grad = -1, keep = -1, bias_grad = -1, total = 0;  // -1: none
 };
 
+// d: the student's (0 for the teacher's log-partition pass, which has no student).
 __host__ __device__ Layout make_layout(int64_t d, FusedTeacher teacher, bool backward) {
   Layout l;
   l.d_pad = static_cast<int>((d + 15) / 16 * 16);
@@ -55,9 +56,11 @@ __host__ __device__ Layout make_layout(int64_t d, FusedTeacher teacher, bool bac
     at += align128(bytes);
     return where;
   };
-  l.w = take(int64_t(kClasses) * l.ld * 2);
-  l.x = take(int64_t(kRows) * l.ld * 2);
-  l.f = take(int64_t(kRows) * kLdF * 4);
+  if (d > 0) {  // (d = 0: the teacher's log-partition alone)
+    l.w = take(int64_t(kClasses) * l.ld * 2);
+    l.x = take(int64_t(kRows) * l.ld * 2);
+    l.f = take(int64_t(kRows) * kLdF * 4);
+  }
   if (teacher != FusedTeacher::None) l.s = take(int64_t(kRows) * kLdF * 4);
   // the teacher's staging (used before f is made) and the gradient tile (after) share their place
   int64_t stage_bytes = teacher == FusedTeacher::Linear ? int64_t(kRows + kClasses) * kLdChunk * 2 : 0;
@@ -148,26 +151,31 @@ struct Tiles {
 template <typename in_t>
 __device__ Tiles<in_t> tiles(unsigned char* smem, const Layout& l) {
   Tiles<in_t> t;
-  t.w = reinterpret_cast<in_t*>(smem + l.w);
-  t.x = reinterpret_cast<in_t*>(smem + l.x);
-  t.f = reinterpret_cast<float*>(smem + l.f);
-  t.s = l.s ? reinterpret_cast<float*>(smem + l.s) : nullptr;
-  t.stage_x = reinterpret_cast<in_t*>(smem + l.stage);
-  t.stage_w = t.stage_x + kRows * kLdChunk;
-  t.grad = reinterpret_cast<in_t*>(smem + l.grad);
-  t.keep = reinterpret_cast<int*>(smem + l.keep);
-  t.bias_grad = reinterpret_cast<float*>(smem + l.bias_grad);
+  auto at = [&](int64_t offset) { return offset < 0 ? nullptr : smem + offset; };
+  t.w = reinterpret_cast<in_t*>(at(l.w));
+  t.x = reinterpret_cast<in_t*>(at(l.x));
+  t.f = reinterpret_cast<float*>(at(l.f));
+  t.s = reinterpret_cast<float*>(at(l.s));
+  t.stage_x = reinterpret_cast<in_t*>(at(l.stage));
+  t.stage_w = t.stage_x ? t.stage_x + kRows * kLdChunk : nullptr;
+  t.grad = reinterpret_cast<in_t*>(at(l.grad));
+  t.keep = reinterpret_cast<int*>(at(l.keep));
+  t.bias_grad = reinterpret_cast<float*>(at(l.bias_grad));
   return t;
 }
 
 // Rows [r0, r0 + kRows) x classes [c0, c0 + kClasses) of the logits: X rows into
 // t.x, the student's logits (no bias yet) into t.f and a linear teacher's into
-// t.s; t.w already holds the tile's weight rows. Starts and ends with a barrier.
+// t.s; t.w already holds the tile's weight rows. student = false: the teacher's
+// alone. Starts and ends with a barrier.
 template <typename in_t>
-__device__ void make_logits(const FusedLinearArgs& a, const Layout& l, const Tiles<in_t>& t, int64_t r0, int64_t c0) {
+__device__ void make_logits(const FusedLinearArgs& a, const Layout& l, const Tiles<in_t>& t, int64_t r0, int64_t c0,
+                            bool student = true) {
   const int64_t rows = min(int64_t(kRows), a.B - r0), classes = min(int64_t(kClasses), a.V - c0);
   __syncthreads();  // the previous row block is done with x, f and s
-  load_rows<in_t, kRows>(t.x, l.ld, static_cast<const in_t*>(a.hidden) + r0 * a.d, a.d, rows, a.d, l.d_pad);
+  if (student) {
+    load_rows<in_t, kRows>(t.x, l.ld, static_cast<const in_t*>(a.hidden) + r0 * a.d, a.d, rows, a.d, l.d_pad);
+  }
   if (a.teacher == FusedTeacher::Linear) {
     LogitCorner acc;
     acc.zero();
@@ -184,11 +192,13 @@ __device__ void make_logits(const FusedLinearArgs& a, const Layout& l, const Til
     store_logits(acc, t.s);
   }
   __syncthreads();  // x is loaded
-  LogitCorner acc;
-  acc.zero();
-  mma_logits(acc, t.x, l.ld, t.w, l.ld, l.d_pad);
-  store_logits(acc, t.f);
-  __syncthreads();
+  if (student) {
+    LogitCorner acc;
+    acc.zero();
+    mma_logits(acc, t.x, l.ld, t.w, l.ld, l.d_pad);
+    store_logits(acc, t.f);
+    __syncthreads();
+  }
 }
 
 // The row's biases added, and a dense or top-k teacher's logits put in its s
@@ -197,7 +207,7 @@ template <typename in_t>
 __device__ void finish_row_logits(const FusedLinearArgs& a, int64_t i, int64_t c0, int64_t n, float* f, float* s) {
   const int lane = threadIdx.x % 32;
   for (int64_t j = lane; j < n; j += 32) {
-    if (a.bias) f[j] += a.bias[c0 + j];
+    if (f && a.bias) f[j] += a.bias[c0 + j];
     if (a.teacher == FusedTeacher::Linear && a.teacher_bias) s[j] += a.teacher_bias[c0 + j];
     if (a.teacher == FusedTeacher::Dense) s[j] = to_float(static_cast<const in_t*>(a.teacher_logits)[i * a.V + c0 + j]);
     if (a.teacher == FusedTeacher::TopK) s[j] = neg_inf<float>();
@@ -220,40 +230,52 @@ __device__ void load_weight_tile(const FusedLinearArgs& a, const Layout& l, cons
                             min(int64_t(kClasses), a.V - c0), a.d, l.d_pad);
 }
 
-// Block b folds the class tiles b, b + splits, ... of every row into partial[b].
-template <typename in_t>
+// Block (b, g) folds the class tiles b, b + splits, ... of row group g (rows
+// [g rows_per_group, (g + 1) rows_per_group)) into its rows of partial[b]:
+// the rows' running states (kNumRowState each), or with kTeacherLse the
+// teacher's (max, sum of exp(s - max)) alone (2 each).
+template <typename in_t, bool kTeacherLse>
 __global__ void __launch_bounds__(kThreads) fused_forward_kernel(LossTerms p, Targets targets, FusedLinearArgs a,
-                                                                 float* partial) {
+                                                                 int64_t rows_per_group, float* partial) {
   extern __shared__ __align__(128) unsigned char fused_smem[];
-  const Layout l = make_layout(a.d, a.teacher, false);
+  constexpr int kWidth = kTeacherLse ? 2 : kNumRowState;
+  const Layout l = make_layout(kTeacherLse ? 0 : a.d, a.teacher, false);
   const Tiles<in_t> t = tiles<in_t>(fused_smem, l);
   const int64_t num_tiles = (a.V + kClasses - 1) / kClasses;
-  float* my_partial = partial + int64_t(blockIdx.x) * a.B * kNumRowState;
+  const int64_t row_begin = int64_t(blockIdx.y) * rows_per_group, row_end = min(a.B, row_begin + rows_per_group);
+  float* my_partial = partial + int64_t(blockIdx.x) * a.B * kWidth;
   const int warp = threadIdx.x / 32;
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int64_t c0 = tile * kClasses, n = min(int64_t(kClasses), a.V - c0);
-    load_weight_tile(a, l, t, c0);
-    for (int64_t r0 = 0; r0 < a.B; r0 += kRows) {
-      make_logits(a, l, t, r0, c0);
-      for (int r = warp; r < kRows && r0 + r < a.B; r += kWarps) {
+    if (!kTeacherLse) load_weight_tile(a, l, t, c0);
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
+      make_logits(a, l, t, r0, c0, !kTeacherLse);
+      for (int r = warp; r < kRows && r0 + r < row_end; r += kWarps) {
         const int64_t i = r0 + r;
-        float* f = t.f + r * kLdF;
+        float* f = kTeacherLse ? nullptr : t.f + r * kLdF;
         float* s = t.s ? t.s + r * kLdF : nullptr;
         finish_row_logits<in_t>(a, i, c0, n, f, s);
-        float st[kNumRowState];
-        float* saved = my_partial + i * kNumRowState;
-        if (tile == blockIdx.x) {
-          empty_row_state(st);
+        float st[kWidth];
+        float* saved = my_partial + i * kWidth;
+        const bool first = tile == blockIdx.x;
+        if constexpr (kTeacherLse) {
+          st[0] = first ? neg_inf<float>() : saved[0];
+          st[1] = first ? 0.0f : saved[1];
+          lse_row(s, n, st[0], st[1], WarpGroup<float>{});
         } else {
-          for (int j = 0; j < kNumRowState; ++j) st[j] = saved[j];
-        }
-        RowTarget y;
-        if (row_target(targets, i, y)) {
-          accumulate_row(p, y, f, s, a.lse_w ? a.lse_w + 2 * i : nullptr, n, c0, st, WarpGroup<float>{});
+          if (first) {
+            empty_row_state(st);
+          } else {
+            for (int j = 0; j < kWidth; ++j) st[j] = saved[j];
+          }
+          RowTarget y;
+          if (row_target(targets, i, y)) {
+            accumulate_row(p, y, f, s, a.lse_w ? a.lse_w + 2 * i : nullptr, n, c0, st, WarpGroup<float>{});
+          }
         }
         __syncwarp();  // every lane has read the saved state
         if (threadIdx.x % 32 == 0) {
-          for (int j = 0; j < kNumRowState; ++j) saved[j] = st[j];
+          for (int j = 0; j < kWidth; ++j) saved[j] = st[j];
         }
       }
     }
@@ -268,6 +290,21 @@ __global__ void merge_states_kernel(LossTerms p, const float* partial, int64_t s
   for (int j = 0; j < kNumRowState; ++j) st[j] = partial[i * kNumRowState + j];
   for (int64_t b = 1; b < splits; ++b) merge_row_state(p, st, partial + (b * B + i) * kNumRowState);
   for (int j = 0; j < kNumRowState; ++j) state[i * kNumRowState + j] = st[j];
+}
+
+// One thread per row: lse = (max, log sum) of the partial (max, sum) pairs, merged in order.
+__global__ void merge_lse_kernel(const float* partial, int64_t splits, int64_t B, float* lse) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= B) return;
+  float max = partial[2 * i], sum = partial[2 * i + 1];
+  for (int64_t b = 1; b < splits; ++b) {
+    const float* o = partial + 2 * (b * B + i);
+    const float m = std_max(max, o[0]);
+    sum = sum * rescale_factor(max, m) + o[1] * rescale_factor(o[0], m);
+    max = m;
+  }
+  lse[2 * i] = max;
+  lse[2 * i + 1] = logf(sum);
 }
 
 // The warp's dW fragments: its 16 classes of the tile by up to kFusedMaxDim dims.
@@ -401,14 +438,28 @@ void allow_shared(Kernel* kernel, int64_t bytes) {
   if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
 
-template <typename in_t>
-void launch_forward(const LossTerms& p, const Targets& targets, const FusedLinearArgs& a, int64_t splits,
-                    float* partial, float* state, cudaStream_t stream) {
-  const Layout l = make_layout(a.d, a.teacher, false);
-  allow_shared(fused_forward_kernel<in_t>, l.total);
-  fused_forward_kernel<in_t><<<static_cast<unsigned>(splits), kThreads, l.total, stream>>>(p, targets, a, partial);
-  merge_states_kernel<<<static_cast<unsigned>((a.B + 255) / 256), 256, 0, stream>>>(p, partial, splits, a.B, state);
+// The forward's grid: splits x row groups blocks, about kForwardBlocks of them
+// (enough to fill a large GPU), each row group a whole number of row blocks.
+constexpr int64_t kForwardBlocks = 512;
+
+dim3 forward_grid(int64_t B, int64_t splits, int64_t& rows_per_group) {
+  const int64_t row_blocks = (B + kRows - 1) / kRows;
+  const int64_t groups = std::clamp<int64_t>((kForwardBlocks + splits - 1) / splits, 1, row_blocks);
+  rows_per_group = (row_blocks + groups - 1) / groups * kRows;
+  return dim3(static_cast<unsigned>(splits), static_cast<unsigned>((B + rows_per_group - 1) / rows_per_group));
 }
+
+template <typename in_t, bool kTeacherLse>
+void launch_forward(const LossTerms& p, const Targets& targets, const FusedLinearArgs& a, int64_t splits,
+                    float* partial, cudaStream_t stream) {
+  const Layout l = make_layout(kTeacherLse ? 0 : a.d, a.teacher, false);
+  int64_t rows_per_group = 0;
+  const dim3 grid = forward_grid(a.B, splits, rows_per_group);
+  allow_shared(fused_forward_kernel<in_t, kTeacherLse>, l.total);
+  fused_forward_kernel<in_t, kTeacherLse><<<grid, kThreads, l.total, stream>>>(p, targets, a, rows_per_group, partial);
+}
+
+unsigned row_threads_blocks(int64_t B) { return static_cast<unsigned>((B + 255) / 256); }
 
 }  // namespace
 
@@ -419,20 +470,33 @@ bool fused_linear_supported(const FusedLinearArgs& args, bool backward) {
 }
 
 int64_t fused_forward_splits(int64_t B, int64_t V) {
-  // enough blocks to fill a large GPU, with the partial states within 32 MiB (they stay in L2)
+  // the partial states within 16 MiB (kept in L2, and a small part of the step's peak memory)
   const int64_t num_tiles = (V + kClasses - 1) / kClasses;
-  const int64_t by_memory = (int64_t(32) << 20) / (std::max<int64_t>(B, 1) * kNumRowState * 4);
-  return std::max<int64_t>(1, std::min<int64_t>({num_tiles, by_memory, 1024}));
+  const int64_t by_memory = (int64_t(16) << 20) / (std::max<int64_t>(B, 1) * kNumRowState * 4);
+  return std::max<int64_t>(1, std::min<int64_t>({num_tiles, by_memory, kForwardBlocks}));
 }
 
 void fused_linear_forward(const LossTerms& terms, const Targets& targets, const FusedLinearArgs& args,
                           int64_t splits, float* partial, float* state, cudaStream_t stream) {
   if (args.B <= 0 || args.V <= 0) return;
   if (args.input == FusedInput::BFloat16) {
-    launch_forward<__nv_bfloat16>(terms, targets, args, splits, partial, state, stream);
+    launch_forward<__nv_bfloat16, false>(terms, targets, args, splits, partial, stream);
   } else {
-    launch_forward<__half>(terms, targets, args, splits, partial, state, stream);
+    launch_forward<__half, false>(terms, targets, args, splits, partial, stream);
   }
+  merge_states_kernel<<<row_threads_blocks(args.B), 256, 0, stream>>>(terms, partial, splits, args.B, state);
+}
+
+void fused_teacher_lse(const FusedLinearArgs& args, int64_t splits, float* partial, float* lse, cudaStream_t stream) {
+  if (args.B <= 0 || args.V <= 0) return;
+  const LossTerms unused;
+  const Targets none;
+  if (args.input == FusedInput::BFloat16) {
+    launch_forward<__nv_bfloat16, true>(unused, none, args, splits, partial, stream);
+  } else {
+    launch_forward<__half, true>(unused, none, args, splits, partial, stream);
+  }
+  merge_lse_kernel<<<row_threads_blocks(args.B), 256, 0, stream>>>(partial, splits, args.B, lse);
 }
 
 void fused_linear_backward(const LossTerms& terms, const Targets& targets, const FusedLinearArgs& args,

@@ -55,14 +55,20 @@ struct FusedLinearArgs {
 // cuda_ops.cpp's float GEMMs keep them).
 bool fused_linear_supported(const FusedLinearArgs& args, bool backward);
 
-// The number of class splits of the forward (blocks, each with its own partial
-// states [B, kNumRowState]) for these sizes.
+// The number of class splits of the forward for these sizes: each split (a
+// column of blocks, one per group of rows) has its own partial states
+// [B, kNumRowState], together at most 16 MiB.
 int64_t fused_forward_splits(int64_t B, int64_t V);
 
 // partial [splits, B, kNumRowState] (scratch) -> state [B, kNumRowState], the
 // running state of every row over all classes.
 void fused_linear_forward(const LossTerms& terms, const Targets& targets, const FusedLinearArgs& args,
                           int64_t splits, float* partial, float* state, cudaStream_t stream);
+
+// lse [B, 2] <- (max, log sum exp(s - max)) of a dense or linear teacher's
+// logits s (the log-partition one_minus_prob weights take), computed as the
+// forward computes them; partial [splits, B, 2] scratch.
+void fused_teacher_lse(const FusedLinearArgs& args, int64_t splits, float* partial, float* lse, cudaStream_t stream);
 
 // grad_hidden [B, d] float, zeroed by the caller, += dL/dhidden; grad_weight
 // [V, d] (input dtype) and grad_bias [V] (float, or null) <- dL/dweight, dL/dbias.

@@ -99,17 +99,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_lse_tile_kernel(const T* 
   const int64_t row = blockIdx.x;
   const T* s = s_all + row * n;
   T max = lse[2 * row], sum = lse[2 * row + 1];
-  T m = neg_inf<T>();
-  for (int64_t j = threadIdx.x; j < n; j += kThreads) m = nan_max(m, s[j]);
-  m = std_max(max, block_reduce(m, NanMax(), smem));
-  if (m != max) {
-    sum *= rescale_factor(max, m);
-    max = m;
-  }
-  const T shift = exp_shift(max);
-  T e = 0;
-  for (int64_t j = threadIdx.x; j < n; j += kThreads) e += d_exp(s[j] - shift);
-  sum += block_reduce(e, Sum(), smem);
+  lse_row(s, n, max, sum, BlockGroup<T>{smem});
   if (threadIdx.x == 0) {
     lse[2 * row] = max;
     lse[2 * row + 1] = sum;

@@ -295,6 +295,23 @@ __device__ void gradient_row(const LossTerms& p, const RowTarget& y, const T* st
   }
 }
 
+// Folds the row's teacher logits s of n classes into its running (max, sum of
+// exp(s - max)) (loss_math.h's LogSumExp::update).
+template <typename T, typename Group>
+__device__ void lse_row(const T* s, int64_t n, T& max, T& sum, const Group& grp) {
+  T m = neg_inf<T>();
+  for (int64_t j = grp.rank(); j < n; j += Group::kSize) m = nan_max(m, s[j]);
+  m = std_max(max, grp.reduce(m, NanMax()));
+  if (m != max) {
+    sum *= rescale_factor(max, m);
+    max = m;
+  }
+  const T shift = exp_shift(max);
+  T e = 0;
+  for (int64_t j = grp.rank(); j < n; j += Group::kSize) e += d_exp(s[j] - shift);
+  sum += grp.reduce(e, Sum());
+}
+
 // Folds o, another state of the same row over other classes, into st
 // (RowAccumulator::merge).
 template <typename T>
