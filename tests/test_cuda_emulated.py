@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kdfast
-from test_fused_linear import TERMS, _grad_out, _problem, _run_fused
+from test_fused_linear import TERMS, _grad_out, _peaked_problem, _problem, _run_fused
 
 SELFTEST = torch.ops.cuda_emu_selftest
 
@@ -159,6 +159,33 @@ def test_fused_kernels_match_the_tiled_path(form, term, B, V, monkeypatch):
     for name, g, g_t in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, grads_t):
         scale = g_t.float().abs().max().item()
         torch.testing.assert_close(g.float(), g_t.float(), rtol=2**-7, atol=2**-9 * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", ["peaked_hard_filtered", "linear_one_minus_prob", "topk_combined"])
+def test_fused_kernels_do_not_depend_on_the_threads_order(case, monkeypatch):
+    """The fused kernels under four orders of the emulated threads (seeds) give bit-identical
+    results: no result depends on a race between sync points (a missing __syncthreads or
+    __syncwarp moves it, as test_reading_other_lanes_elements_without_syncwarp_moves_with_the_seed
+    shows). The peaked case (each row's target logit far above the rest) has the gradient filter
+    skip most class groups, so the flags that decide it are set by a few warps only."""
+    monkeypatch.setenv("KDFAST_CUDA_FUSED", "1")
+    if case == "peaked_hard_filtered":
+        p = _peaked_problem(torch.bfloat16, "cpu")
+        kwargs, extra = {"reduction": "none"}, {"exact": False, "filter_eps": 1e-3, "tile_size": 64}
+    else:
+        form, term = case.split("_", 1)
+        p = _problem(70, 24, 300, seed=43, form=form, target_kind="multi", dtype=torch.bfloat16, d_t=40, k=7)
+        kwargs = dict(TERMS["combined" if term == "combined" else "combined_one_minus_prob"], reduction="none")
+        extra = {"exact": True}
+    runs = []
+    for seed in range(2, 6):
+        cuda_emu.set_seed(seed)
+        runs.append(_run_fused(p, kwargs, _grad_out(p, "none"), **extra))
+    cuda_emu.set_seed(1)
+    (loss, grads), rest = runs[0], runs[1:]
+    for other_loss, other_grads in rest:
+        assert torch.equal(loss, other_loss)
+        assert all(torch.equal(a, b) for a, b in zip(grads, other_grads))
 
 
 def _call_each_cuda_op():
