@@ -142,17 +142,18 @@ def _fused_and_tiled(p, kwargs, grad_out, monkeypatch):
     "form, term",
     [("none", "hard_smoothed")] + [(f, t) for f in ("dense", "linear", "topk") for t in ("combined", "combined_one_minus_prob")],
 )
-@pytest.mark.parametrize("B, V", [(70, 300), (300, 1000)])
-def test_fused_kernels_match_the_tiled_path(form, term, B, V, monkeypatch):
+@pytest.mark.parametrize("B, V, d, d_t", [(70, 300, 24, 40), (300, 1000, 13, 37)])
+def test_fused_kernels_match_the_tiled_path(form, term, B, V, d, d_t, monkeypatch):
     """bf16, every term, multi-label targets: the fused kernels (tensor-core tiles in shared memory)
     give the tiled path's loss and gradients, and call no GEMM (for one_minus_prob weights, the
     teacher's log-partition is fused too). B = 70 (two row blocks, the second partial: two row
     groups of the forward's grid), V = 300 (three class tiles, the last partial), d = 24 and
-    d_t = 40 (padded to 32 and staged in a chunk of 64), k = 7. Both sum in float, in different
-    orders, and round dL/df and the outputs to bf16. B = 300, V = 1000: eight class splits by
-    five row groups in the forward's grid."""
-    p = _problem(B, 24, V, seed=41, form="dense" if form == "none" else form, target_kind="multi",
-                 dtype=torch.bfloat16, d_t=40, k=7)
+    d_t = 40 (padded to 32 and staged in a chunk of 64; rows copied 16 bytes at a time), k = 7.
+    B = 300, V = 1000: eight class splits by five row groups in the forward's grid; d = 13 and
+    d_t = 37 (rows copied element by element). Both sum in float, in different orders, and round
+    dL/df and the outputs to bf16."""
+    p = _problem(B, d, V, seed=41, form="dense" if form == "none" else form, target_kind="multi",
+                 dtype=torch.bfloat16, d_t=d_t, k=7)
     kwargs = dict(TERMS[term], reduction="none")
     (loss, grads), (loss_t, grads_t) = _fused_and_tiled(p, kwargs, _grad_out(p, "none"), monkeypatch)
     torch.testing.assert_close(loss.float(), loss_t.float(), rtol=2**-7, atol=0)  # one bf16 rounding

@@ -88,10 +88,23 @@ template <>
 __device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
 
 // dst[r * ld + c] <- src[r * ld_src + c] for r < rows, c < cols, zero for the
-// rest of [kRowsOut, cols_pad]: the block's threads share the copy.
+// rest of [kRowsOut, cols_pad]: the block's threads share the copy, 16 bytes at
+// a time where the source rows allow it (cols_pad and ld multiples of 8, dst
+// 16-byte aligned: the layout's).
 template <typename in_t, int kRowsOut>
 __device__ void load_rows(in_t* dst, int ld, const in_t* src, int64_t ld_src, int64_t rows, int64_t cols,
                           int cols_pad) {
+  static_assert(sizeof(in_t) == 2, "16-bit inputs");
+  if (cols % 8 == 0 && ld_src % 8 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    const int per_row = cols_pad / 8;
+    for (int e = threadIdx.x; e < kRowsOut * per_row; e += kThreads) {
+      const int r = e / per_row, c = e % per_row * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);  // zero bits: 0.0 in bf16 and fp16
+      if (r < rows && c < cols) v = *reinterpret_cast<const uint4*>(src + r * ld_src + c);
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
+    }
+    return;
+  }
   const in_t zero = from_float<in_t>(0.0f);
   for (int e = threadIdx.x; e < kRowsOut * cols_pad; e += kThreads) {
     const int r = e / cols_pad, c = e % cols_pad;
