@@ -36,6 +36,9 @@
 #   KDFAST_COMMIT=        the commit the results are recorded under (the device's copy may have no .git)
 #   BENCH_TIMEOUT=        seconds for the bench step (default: all that is left, so put alltests in
 #                         another call or give the bench less)
+#   KDFAST_CUDA_FUSED=0   (read by kdfast itself) the tiled cuBLAS path instead of the fused kernels for
+#                         bf16/fp16, e.g. to bench both: a first call as usual, a second with this and
+#                         BENCH_ARGS="--impls kdfast --no-write"
 #
 # Usage (device tool). Since 2026-12 a session has 15 minutes of device time in all, machine start
 # included, so plan for ONE call (a second is possible only if the first ends early). First, here:

@@ -11,8 +11,11 @@
 //   4. backward only: dL/df, in place of f, rounded to the input dtype, then
 //      dX += G W (float atomics into grad_hidden) and dW += G^T X (fragments
 //      kept in registers across the row blocks: each block owns its classes).
-// The forward's blocks each own a strided set of class tiles and loop over all
-// rows for each (W read once, X from L2); the backward's own one class tile.
+// The forward's blocks each own a strided set of class tiles and a group of
+// rows, and loop over the group's row blocks for each tile (W read once per
+// row group, X from L2); the teacher's log-partition pass (one_minus_prob
+// weights) is the same kernel without the student. The backward's blocks each
+// own one class tile and loop over all rows.
 #include "fused_linear.h"
 
 #include <cuda_bf16.h>
