@@ -313,14 +313,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
   if (const auto fa = fused_args(cfg, in, lse_w, true)) {
     // the filter's class groups: the requested tile where it is under the kernels' own
     const int64_t group = tile_size > 0 && tile_size < kFusedClasses ? tile_size : kFusedClasses;
-    at::Tensor grad_bias_f = bias.has_value() ? at::empty({in.V}, opts) : at::Tensor();
-    float* grad_bias_ptr = grad_bias_f.defined() ? grad_bias_f.data_ptr<float>() : nullptr;
+    float* grad_bias_ptr = grad_bias.defined() ? grad_bias.data_ptr<float>() : nullptr;
     fused_linear_backward(terms, targets, *fa, st.data_ptr<float>(), g.data_ptr<float>(), filtering ? filter_eps : 0.0,
                           group, grad_hidden.data_ptr<float>(), grad_weight.data_ptr(), grad_bias_ptr,
                           current_stream());
     check_launches();
     return {grad_hidden.to(hidden.scalar_type()), grad_weight,
-            bias.has_value() ? grad_bias_f.to(bias->scalar_type()) : at::empty({0}, hidden.options())};
+            bias.has_value() ? grad_bias.to(bias->scalar_type()) : at::empty({0}, hidden.options())};
   }
   // gradient filter: one flag per tile, set on the device when the tile is kept
   const int64_t num_tiles = (in.V + tile - 1) / tile;

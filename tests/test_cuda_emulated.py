@@ -11,9 +11,9 @@ from __future__ import annotations
 import cuda_emulation as cuda_emu  # on sys.path: tests/conftest.py installed the emulation from it
 import pytest
 import torch
+from test_fused_linear import TERMS, _grad_out, _peaked_problem, _problem, _run_fused
 
 import kdfast
-from test_fused_linear import TERMS, _grad_out, _peaked_problem, _problem, _run_fused
 
 SELFTEST = torch.ops.cuda_emu_selftest
 
@@ -159,7 +159,7 @@ def test_fused_kernels_match_the_tiled_path(form, term, B, V, d, d_t, monkeypatc
     torch.testing.assert_close(loss.float(), loss_t.float(), rtol=2**-7, atol=0)  # one bf16 rounding
     for name, g, g_t in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, grads_t):
         scale = g_t.float().abs().max().item()
-        torch.testing.assert_close(g.float(), g_t.float(), rtol=2**-7, atol=2**-9 * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.float(), g_t.float(), rtol=2**-7, atol=2**-9 * scale, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("case", ["peaked_hard_filtered", "linear_one_minus_prob", "topk_combined"])
