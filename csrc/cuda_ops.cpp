@@ -142,13 +142,17 @@ void teacher_tile(const FusedInputs& in, int64_t c0, int64_t n, at::Tensor s) {
   }
 }
 
+// A stored top-k teacher's log-partition lse [B] as the kernels take it: [B, 2]
+// (max, log-sum) = (lse, 0).
+at::Tensor stored_lse_pairs(const at::Tensor& lse) { return at::stack({lse, at::zeros_like(lse)}, 1).contiguous(); }
+
 // [B, 2] (max, log-sum) of the log-partition one_minus_prob weights use, or an
 // undefined tensor for sigmoid weights. Forward: the stored lse of a top-k
 // teacher, else a pre-pass over teacher tiles; backward: from the stats.
 template <typename acc_t>
 at::Tensor weights_lse_forward(const LossConfig& cfg, const FusedInputs& in, int64_t tile, at::Tensor& s_buf) {
   if (!cfg.needs_teacher_prepass()) return at::Tensor();
-  if (in.teacher == TeacherKind::TopK) return at::stack({in.topk_lse, at::zeros_like(in.topk_lse)}, 1).contiguous();
+  if (in.teacher == TeacherKind::TopK) return stored_lse_pairs(in.topk_lse);
   at::Tensor lse = at::empty({in.B, 2}, in.hidden.options());
   init_lse<acc_t>(lse.data_ptr<acc_t>(), in.B, current_stream());
   for (int64_t c0 = 0; c0 < in.V; c0 += tile) {
@@ -163,7 +167,7 @@ at::Tensor weights_lse_forward(const LossConfig& cfg, const FusedInputs& in, int
 
 at::Tensor weights_lse_backward(const LossConfig& cfg, const at::Tensor& stats, const at::Tensor& topk_lse) {
   if (!cfg.needs_teacher_prepass()) return at::Tensor();
-  if (topk_lse.defined()) return at::stack({topk_lse, at::zeros_like(topk_lse)}, 1).contiguous();
+  if (topk_lse.defined()) return stored_lse_pairs(topk_lse);
   return at::stack({stats.select(1, cpu::kMaxS), stats.select(1, cpu::kLogSumS)}, 1).contiguous();
 }
 
@@ -244,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_I
     at::Tensor lse_w;  // the one_minus_prob weights' log-partition: stored (top-k) or a fused pre-pass
     if (cfg.needs_teacher_prepass()) {
       if (in.teacher == TeacherKind::TopK) {
-        lse_w = at::stack({in.topk_lse, at::zeros_like(in.topk_lse)}, 1).contiguous();
+        lse_w = stored_lse_pairs(in.topk_lse);
       } else {
         lse_w = at::empty({in.B, 2}, opts);
         at::Tensor lse_partial = at::empty({splits, in.B, 2}, opts);

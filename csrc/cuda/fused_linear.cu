@@ -77,6 +77,8 @@ __host__ __device__ Layout make_layout(int64_t d, FusedTeacher teacher, bool bac
   return l;
 }
 
+// Explicit conversions: torch's nvcc flags (__CUDA_NO_HALF_CONVERSIONS__,
+// __CUDA_NO_BFLOAT16_CONVERSIONS__) turn off the types' own.
 template <typename in_t>
 __device__ __forceinline__ float to_float(in_t x);
 template <>
@@ -342,7 +344,8 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
   const int64_t c0 = int64_t(blockIdx.x) * kClasses, n = min(int64_t(kClasses), a.V - c0);
   const int dim_frags = l.d_pad / 16;
   const bool filtering = filter_eps > 0;
-  const int64_t group0 = c0 / filter_group;  // the tile's first class group
+  // the filter flag of the tile's class j: its class group's, counted from the tile's first
+  auto group_of = [&](int64_t j) { return (c0 + j) / filter_group - c0 / filter_group; };
   Accumulator dw[kDimFrags];
   for (int q = 0; q < kDimFrags; ++q) wmma::fill_fragment(dw[q], 0.0f);
   for (int j = threadIdx.x; j < kClasses; j += kThreads) t.bias_grad[j] = 0.0f;
@@ -366,7 +369,7 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
         if (filtering) {
           const float limit = filter_eps * fabsf(scale);
           for (int64_t j = lane; j < n; j += 32) {
-            if (!(fabsf(f[j]) <= limit)) t.keep[(c0 + j) / filter_group - group0] = 1;  // NaN keeps
+            if (!(fabsf(f[j]) <= limit)) t.keep[group_of(j)] = 1;  // NaN keeps
           }
         }
         for (int64_t j = n + lane; j < kClasses; j += 32) f[j] = 0.0f;
@@ -382,7 +385,7 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
     // G in the input dtype, the negligible groups zeroed; the bias's gradient summed in row order
     for (int e = threadIdx.x; e < kRows * kClasses; e += kThreads) {
       const int r = e / kClasses, j = e % kClasses;
-      const bool kept = t.keep[(c0 + j) / filter_group - group0] != 0 || j >= n;
+      const bool kept = t.keep[group_of(j)] != 0 || j >= n;
       const float g = kept ? t.f[r * kLdF + j] : 0.0f;
       t.f[r * kLdF + j] = g;
       t.grad[r * kLdG + j] = from_float<in_t>(g);
