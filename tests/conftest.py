@@ -42,29 +42,6 @@ if CUDA_EMU:
     cuda_emulation.install()
 collect_ignore = [] if CUDA_EMU else ["test_cuda_emulated.py"]
 
-# Under the emulation, cases that take minutes each: the top-k kernel selects its list in k
-# block-wide rounds per tile (a dozen barriers and shuffles of 256 threads each), so k in the
-# hundreds over tiles of a few classes means ~10^9 emulated thread steps. The plain CPU pass
-# runs them; under the emulation the same code paths run in the smaller cases of these tests.
-CUDA_EMU_TOO_SLOW = [
-    "test_teacher_topk.py::test_covered_is_a_probability",  # B = 64, k up to 300
-    "test_teacher_topk.py::test_grid_data_is_exact",  # k = 200 over tiles of 7
-    *(f"test_teacher_topk.py::test_ties_go_to_the_lower_class_index[cpu-{dtype}-tile{t}]"
-      for dtype in ("float64", "float32") for t in (1, 3, 5)),  # k up to V = 211 over 211 tiles
-    *(f"test_teacher_topk.py::test_odd_shapes_and_tile_sizes[cpu-1031-{d}-tile{t}]"
-      for d in (1, 13) for t in (1, 3, 64)),  # k = V = 1031 over up to 1031 tiles
-]
-
-
-def pytest_collection_modifyitems(config, items):
-    if not CUDA_EMU:
-        return
-    slow = [item for item in items if any(item.nodeid.split("tests/")[-1].startswith(p) for p in CUDA_EMU_TOO_SLOW)]
-    if slow:
-        config.hook.pytest_deselected(items=slow)
-        items[:] = [item for item in items if item not in slow]
-
-
 @pytest.fixture(params=DEVICES, scope="session")
 def device(request) -> str:
     """Every device kdfast has kernels for (session-scoped so hypothesis tests may use it)."""

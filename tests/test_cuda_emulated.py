@@ -50,6 +50,15 @@ def test_block_reduction_by_shuffles_and_shared_memory(threads):
     assert torch.equal(partner, x.view(-1, 2).flip(1).reshape(-1))  # lane t got lane t ^ 1's value
 
 
+@pytest.mark.parametrize("shift", [0, 5, 31, 40])
+def test_shuffle_by_lane_index_and_ballot(shift):
+    x = torch.randn(3 * 64, generator=torch.Generator().manual_seed(shift))
+    rotated, ballot = SELFTEST.lane_exchange(x, shift, 64)
+    assert torch.equal(rotated, x.view(-1, 32).roll(-(shift % 32), dims=1).reshape(-1))  # lane t: lane t + shift's
+    expected = [sum(1 << lane for lane in range(32) if warp[lane] > 0) for warp in x.view(-1, 32).tolist()]
+    assert [b & 0xFFFFFFFF for b in ballot.tolist()] == expected
+
+
 def test_barrier_not_reached_by_every_thread_is_an_error():
     with pytest.raises(RuntimeError, match=r"__syncthreads not reached by every thread: 32 of 64 threads"):
         SELFTEST.divergent_barrier(64)

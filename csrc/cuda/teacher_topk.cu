@@ -2,87 +2,23 @@
 // maths and the order of candidates are csrc/cpu/teacher_topk.cpp's: larger
 // logit first, ties to the lower class, NaN above every number.
 //
-// One block per row and tile. The softmax statistics are updated online; then,
-// unless the tile's best logit cannot enter a full list, the new list is
-// selected in k rounds, each a block-wide search for the best candidate (from
-// the tile and the old list) ranking below the previous pick. Simple rather than
-// fast: a first version, correct for any k.
+// A warp per row (topk_row.cuh): each tile's softmax statistics are folded into
+// the row's, then the tile's logits are offered to the row's list 32 at a time;
+// only those that beat the list's last entry are sorted and merged in.
 #include "teacher_topk.h"
 
 #include <cmath>
 
+#include "topk_row.cuh"
+
 namespace kdfast::cuda {
 namespace {
 
+using namespace topk_row;
+
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerBlock = kThreads / 32;  // a warp per row
 
-template <typename T>
-struct Candidate {
-  T logit;
-  int64_t index;  // -1: none
-};
-
-template <typename T>
-__device__ __forceinline__ bool is_nan(T x) {
-  return x != x;
-}
-
-// a ranks above b (a candidate ranks above "none").
-template <typename T>
-__device__ __forceinline__ bool ranks_above(const Candidate<T>& a, const Candidate<T>& b) {
-  if (a.index < 0) return false;
-  if (b.index < 0) return true;
-  const bool a_nan = is_nan(a.logit), b_nan = is_nan(b.logit);
-  if (a_nan || b_nan) return a_nan && (!b_nan || a.index < b.index);
-  return a.logit > b.logit || (a.logit == b.logit && a.index < b.index);
-}
-
-template <typename T>
-__device__ Candidate<T> block_best(Candidate<T> c, Candidate<T>* smem) {
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    Candidate<T> o;
-    o.logit = __shfl_xor_sync(0xffffffffu, c.logit, offset);
-    o.index = __shfl_xor_sync(0xffffffffu, c.index, offset);
-    if (ranks_above(o, c)) c = o;
-  }
-  __syncthreads();
-  if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = c;
-  __syncthreads();
-  Candidate<T> r = smem[0];
-  for (int w = 1; w < kWarps; ++w) {
-    if (ranks_above(smem[w], r)) r = smem[w];
-  }
-  return r;
-}
-
-template <typename T>
-__device__ T block_sum(T v, T* smem) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  __syncthreads();
-  if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
-  __syncthreads();
-  T r = smem[0];
-  for (int w = 1; w < kWarps; ++w) r += smem[w];
-  return r;
-}
-
-template <typename T>
-__device__ T block_max(T v, T* smem) {  // NaN wins
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const T o = __shfl_xor_sync(0xffffffffu, v, offset);
-    v = (is_nan(v) || v > o) ? v : o;
-  }
-  __syncthreads();
-  if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
-  __syncthreads();
-  T r = smem[0];
-  for (int w = 1; w < kWarps; ++w) r = (is_nan(r) || r > smem[w]) ? r : smem[w];
-  return r;
-}
-
-__device__ __forceinline__ float d_exp(float x) { return expf(x); }
-__device__ __forceinline__ double d_exp(double x) { return exp(x); }
 __device__ __forceinline__ float d_log(float x) { return logf(x); }
 __device__ __forceinline__ double d_log(double x) { return log(x); }
 
@@ -95,94 +31,57 @@ __global__ void topk_init_kernel(T* best_logit, int64_t* best_index, int64_t* co
   }
   if (i < B) {
     count[i] = 0;
-    stats[i * kNumSoftmaxStats + 0] = -T(INFINITY);
-    stats[i * kNumSoftmaxStats + 1] = T(0);
-    stats[i * kNumSoftmaxStats + 2] = T(0);
-    stats[i * kNumSoftmaxStats + 3] = T(0);
+    store_stats(empty_stats<T>(), stats + i * kNumSoftmaxStats);
   }
 }
 
+// Warp w of block b takes row 8 b + w of the tile x [B, n] (classes [c0, c0 + n)).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) topk_tile_kernel(const T* x_all, int64_t n, int64_t c0, int64_t k,
-                                                             T inv_t, T* best_logit_all, int64_t* best_index_all,
-                                                             int64_t* count_all, T* stats_all) {
-  __shared__ T smem[kWarps];
-  __shared__ Candidate<T> smem_c[kWarps];
-  const int64_t row = blockIdx.x;
+__global__ void __launch_bounds__(kThreads) topk_tile_kernel(const T* x_all, int64_t B, int64_t n, int64_t c0,
+                                                             int64_t k, T inv_t, T* best_logit, int64_t* best_index,
+                                                             int64_t* count, T* stats) {
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (row >= B) return;  // (the whole warp)
   const T* x = x_all + row * n;
-  T* best_logit = best_logit_all + row * k;
-  int64_t* best_index = best_index_all + row * k;
-  T* st = stats_all + row * kNumSoftmaxStats;
+  SoftmaxStats<T> st = load_stats(stats + row * kNumSoftmaxStats);
+  merge_stats(st, warp_stats(x, n, inv_t), inv_t);
+  const RowList<T> list{best_logit + row * k, best_index + row * k, k};
+  const int64_t filled =
+      warp_select<T>(n, [&](int64_t j) { return Candidate<T>{x[j], c0 + j}; }, list, count[row]);
+  __syncwarp();  // every lane has read the old count and statistics
+  if (lane() == 0) {
+    count[row] = filled;
+    store_stats(st, stats + row * kNumSoftmaxStats);
+  }
+}
 
-  // online softmax statistics (SoftmaxStats::update)
-  T m = -T(INFINITY);
-  for (int64_t j = threadIdx.x; j < n; j += kThreads) m = (is_nan(m) || m > x[j]) ? m : x[j];
-  m = block_max(m, smem);
-  T max = st[0], sum = st[1], dot = st[2];
-  bool has_nan = st[3] != T(0) || is_nan(m);
-  if (!has_nan) {
-    const T new_max = max < m ? m : max;
-    if (new_max != max) {
-      if (max == -T(INFINITY)) {
-        sum = dot = T(0);
-      } else {
-        const T delta = (new_max - max) * inv_t, r = d_exp(-delta);
-        dot = r * (dot - sum * delta);
-        sum = r * sum;
-      }
-      max = new_max;
-    }
-    const T shift = max == -T(INFINITY) ? T(0) : max;
-    T s = 0, d = 0;
-    for (int64_t j = threadIdx.x; j < n; j += kThreads) {
-      const T z = (x[j] - shift) * inv_t;
-      const T e = d_exp(z);
-      s += e;
-      d += e == T(0) ? T(0) : e * z;
-    }
-    sum += block_sum(s, smem);
-    dot += block_sum(d, smem);
+// A warp per row: split 0's list and statistics, then split 1's merged in, and so on.
+__global__ void __launch_bounds__(kThreads) topk_merge_splits_kernel(const float* part_logit,
+                                                                     const int64_t* part_index,
+                                                                     const int64_t* part_count,
+                                                                     const float* part_stats, int64_t splits,
+                                                                     int64_t B, int64_t k, float inv_t,
+                                                                     float* best_logit, int64_t* best_index,
+                                                                     float* stats) {
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (row >= B) return;
+  const RowList<float> list{best_logit + row * k, best_index + row * k, k};
+  int64_t count = part_count[row];
+  for (int64_t e = lane(); e < count; e += 32) {
+    list.logit[e] = part_logit[row * k + e];
+    list.index[e] = part_index[row * k + e];
   }
-  const int64_t count = count_all[row];
-  __syncthreads();  // every thread has read the old state
-  if (threadIdx.x == 0) {
-    st[0] = max;
-    st[1] = sum;
-    st[2] = dot;
-    st[3] = has_nan ? T(1) : T(0);
+  __syncwarp();
+  SoftmaxStats<float> st = load_stats(part_stats + row * kNumSoftmaxStats);
+  for (int64_t b = 1; b < splits; ++b) {
+    const int64_t at = b * B + row;
+    merge_stats(st, load_stats(part_stats + at * kNumSoftmaxStats), inv_t);
+    const float* logit = part_logit + at * k;
+    const int64_t* index = part_index + at * k;
+    count = warp_select<float>(
+        part_count[at], [&](int64_t j) { return Candidate<float>{logit[j], index[j]}; }, list, count, true);
   }
-
-  // a tile whose best logit cannot enter a full list is skipped (NaN is scanned)
-  if (count == k && m < best_logit[k - 1]) return;
-  // The old list moves to registers (kMaxOwned entries per thread) before the
-  // picks overwrite it in place.
-  Candidate<T> owned[kMaxOwned];
-  for (int q = 0; q < kMaxOwned; ++q) {
-    const int64_t e = threadIdx.x + int64_t(q) * kThreads;
-    owned[q] = e < count ? Candidate<T>{best_logit[e], best_index[e]} : Candidate<T>{T(0), -1};
-  }
-  __syncthreads();
-  Candidate<T> prev{T(0), -1};
-  int64_t picked = 0;
-  for (; picked < k; ++picked) {
-    Candidate<T> c{T(0), -1};
-    for (int64_t j = threadIdx.x; j < n; j += kThreads) {
-      const Candidate<T> cand{x[j], c0 + j};
-      if ((prev.index < 0 || ranks_above(prev, cand)) && ranks_above(cand, c)) c = cand;
-    }
-    for (int q = 0; q < kMaxOwned; ++q) {
-      const Candidate<T>& cand = owned[q];
-      if (cand.index >= 0 && (prev.index < 0 || ranks_above(prev, cand)) && ranks_above(cand, c)) c = cand;
-    }
-    c = block_best(c, smem_c);
-    if (c.index < 0) break;  // nothing left (the tile and the old list hold fewer than k)
-    if (threadIdx.x == 0) {
-      best_logit[picked] = c.logit;
-      best_index[picked] = c.index;
-    }
-    prev = c;
-  }
-  if (threadIdx.x == 0) count_all[row] = picked;
+  if (lane() == 0) store_stats(st, stats + row * kNumSoftmaxStats);
 }
 
 template <typename T>
@@ -222,8 +121,18 @@ template <typename acc_t>
 void topk_tile(const acc_t* x, int64_t B, int64_t n, int64_t c0, int64_t k, double temperature, acc_t* best_logit,
                int64_t* best_index, int64_t* count, acc_t* stats, cudaStream_t stream) {
   if (B > 0 && n > 0) {
-    topk_tile_kernel<acc_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-        x, n, c0, k, acc_t(1) / acc_t(temperature), best_logit, best_index, count, stats);
+    topk_tile_kernel<acc_t><<<static_cast<unsigned>((B + kRowsPerBlock - 1) / kRowsPerBlock), kThreads, 0, stream>>>(
+        x, B, n, c0, k, acc_t(1) / acc_t(temperature), best_logit, best_index, count, stats);
+  }
+}
+
+void topk_merge_splits(const float* part_logit, const int64_t* part_index, const int64_t* part_count,
+                       const float* part_stats, int64_t splits, int64_t B, int64_t k, double temperature,
+                       float* best_logit, int64_t* best_index, float* stats, cudaStream_t stream) {
+  if (B > 0) {
+    topk_merge_splits_kernel<<<static_cast<unsigned>((B + kRowsPerBlock - 1) / kRowsPerBlock), kThreads, 0,
+                               stream>>>(part_logit, part_index, part_count, part_stats, splits, B, k,
+                                         1.0f / float(temperature), best_logit, best_index, stats);
   }
 }
 

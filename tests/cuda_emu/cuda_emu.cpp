@@ -121,7 +121,7 @@ struct Warp {
   int arrived = 0;
   uint64_t generation = 0;
   uint64_t slots[2][32] = {};
-  int partner_xor = -1;
+  int kind = -1;  // what the lanes arriving now do (exchange() in this file)
 };
 
 struct Block {
@@ -288,21 +288,24 @@ cudaError_t set_max_dynamic_shared(const void* kernel, int bytes) {
   return cudaSuccess;
 }
 
-uint64_t warp_exchange(unsigned mask, uint64_t value, int partner_xor) {
+namespace {
+// Every lane of the warp puts value; returns the warp's 32 slots once all have.
+// kind: what the lanes do (an xor shuffle with this lane mask, >= 0, or
+// kIndexedShuffle, kBallot); the lanes of one exchange must agree on it.
+constexpr int kIndexedShuffle = -2, kBallot = -3;
+const uint64_t* exchange(unsigned mask, uint64_t value, int kind) {
   Block& b = block();
   Fiber& f = *b.current;
   if (b.num_threads % 32 != 0) fail("warp shuffle in a block whose size is not a multiple of 32");
   if (mask != 0xffffffffu) fail("warp shuffle with a partial mask (the emulation supports full warps only)");
-  if (partner_xor < 0 || partner_xor > 31) fail("warp shuffle lane mask outside [0, 31]");
   Warp& w = b.warps[f.linear / 32];
-  const int lane = f.linear % 32;
   if (w.arrived == 0) {
-    w.partner_xor = partner_xor;
-  } else if (w.partner_xor != partner_xor) {
-    fail("the lanes of a warp shuffle with different lane masks");
+    w.kind = kind;
+  } else if (w.kind != kind) {
+    fail("the lanes of a warp shuffle with different lane masks or kinds of shuffle");
   }
   uint64_t* slots = w.slots[w.generation % 2];
-  slots[lane] = value;
+  slots[f.linear % 32] = value;
   // every lane puts its value; the last one releases the others
   if (++w.arrived == 32) {
     w.arrived = 0;
@@ -312,8 +315,25 @@ uint64_t warp_exchange(unsigned mask, uint64_t value, int partner_xor) {
     f.wait_generation = w.generation;
     yield_to_scheduler();
   }
-  const uint64_t out = slots[lane ^ partner_xor];
-  return out;
+  // (the slots stay valid until this lane's next exchange: the others cannot get two ahead)
+  return slots;
+}
+}  // namespace
+
+uint64_t warp_exchange(unsigned mask, uint64_t value, int partner_xor) {
+  if (partner_xor < 0 || partner_xor > 31) fail("warp shuffle lane mask outside [0, 31]");
+  return exchange(mask, value, partner_xor)[lane_id() ^ partner_xor];
+}
+
+uint64_t warp_exchange_from(unsigned mask, uint64_t value, int src_lane) {
+  return exchange(mask, value, kIndexedShuffle)[src_lane & 31];  // as __shfl_sync: src_lane modulo the width
+}
+
+unsigned warp_ballot(unsigned mask, bool pred) {
+  const uint64_t* slots = exchange(mask, pred ? 1 : 0, kBallot);
+  unsigned bits = 0;
+  for (int lane = 0; lane < 32; ++lane) bits |= unsigned(slots[lane]) << lane;
+  return bits;
 }
 
 void fail(const char* message) {

@@ -47,6 +47,10 @@ int sync_block(int pred);
 // The 8-byte slot exchange behind the warp shuffles: every lane of the warp
 // puts its value, then takes lane (lane ^ partner_xor)'s.
 uint64_t warp_exchange(unsigned mask, uint64_t value, int partner_xor);
+// The same, each lane taking lane src_lane's value (__shfl_sync).
+uint64_t warp_exchange_from(unsigned mask, uint64_t value, int src_lane);
+// __ballot_sync: bit l set where lane l's pred is.
+unsigned warp_ballot(unsigned mask, bool pred);
 // __syncwarp: every lane of the warp arrives before any goes on.
 void sync_warp(unsigned mask);
 // The current block's dynamic shared memory (the launch's shmem bytes, filled
@@ -97,6 +101,21 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   std::memcpy(&out, &bits, sizeof(T));
   return out;
 }
+
+template <typename T>
+T __shfl_sync(unsigned mask, T value, int src_lane) {
+  static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "shuffle of a value over 8 bytes");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits = cuda_emu::warp_exchange_from(mask, bits, src_lane);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
+inline unsigned __ballot_sync(unsigned mask, int pred) { return cuda_emu::warp_ballot(mask, pred != 0); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
 
 // One block runs at a time on one thread: an atomic is a plain read-modify-write.
 inline int atomicExch(int* address, int value) {

@@ -1,5 +1,6 @@
 // Kernels that test the emulator itself (tests/test_cuda_emulated.py, through
-// selftest_ops.cpp): a block reduction by shuffles and shared memory, a
+// selftest_ops.cpp): a block reduction by shuffles and shared memory, lane
+// exchanges by index and ballots, a
 // barrier some threads skip, a race between two sync points, and a warp's
 // 16 x 16 x 16 tensor-core product in dynamic shared memory (with and without
 // the __syncwarp between the store and a read of other lanes' elements).
@@ -26,6 +27,15 @@ __global__ void block_sum_kernel(const float* x, float* out, float* out_xor) {
     for (unsigned w = 0; w < blockDim.x / 32; ++w) total += partial[w];
     out[blockIdx.x] = total;
   }
+}
+
+// rotated[t] = x of lane (t + shift) % 32 of t's warp (__shfl_sync); ballot[w] =
+// the lanes of warp w whose x > 0 (__ballot_sync).
+__global__ void lane_exchange_kernel(const float* x, float* rotated, unsigned* ballot, int shift) {
+  const int t = threadIdx.x + blockIdx.x * blockDim.x;
+  rotated[t] = __shfl_sync(0xffffffffu, x[t], (threadIdx.x % 32 + shift) % 32);
+  const unsigned bits = __ballot_sync(0xffffffffu, x[t] > 0);
+  if (threadIdx.x % 32 == 0) ballot[t / 32] = bits;
 }
 
 // Threads above the first half leave before a barrier the others wait at.
@@ -91,6 +101,10 @@ void wmma_product(const void* a, const void* b, float* c, float* sum, bool sync,
 
 void block_sum(const float* x, float* out, float* out_xor, int blocks, int threads, cudaStream_t stream) {
   block_sum_kernel<<<blocks, threads, 0, stream>>>(x, out, out_xor);
+}
+void lane_exchange(const float* x, float* rotated, unsigned* ballot, int shift, int blocks, int threads,
+                   cudaStream_t stream) {
+  lane_exchange_kernel<<<blocks, threads, 0, stream>>>(x, rotated, ballot, shift);
 }
 void divergent_barrier(int* out, int threads, cudaStream_t stream) {
   divergent_barrier_kernel<<<1, threads, 0, stream>>>(out);

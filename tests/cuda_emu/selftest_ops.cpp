@@ -7,6 +7,8 @@
 
 namespace cuda_emu_selftest {
 void block_sum(const float* x, float* out, float* out_xor, int blocks, int threads, cudaStream_t stream);
+void lane_exchange(const float* x, float* rotated, unsigned* ballot, int shift, int blocks, int threads,
+                   cudaStream_t stream);
 void divergent_barrier(int* out, int threads, cudaStream_t stream);
 void racy_write(int* out, int threads, cudaStream_t stream);
 void wmma_product(const void* a, const void* b, float* c, float* sum, bool sync, int shared_bytes, int opt_in_bytes,
@@ -21,6 +23,15 @@ std::tuple<at::Tensor, at::Tensor> block_sum_op(const at::Tensor& x, int64_t thr
             nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, out_xor};
+}
+std::tuple<at::Tensor, at::Tensor> lane_exchange_op(const at::Tensor& x, int64_t shift, int64_t threads) {
+  const at::Tensor xc = x.contiguous();
+  at::Tensor rotated = at::empty_like(xc);
+  at::Tensor ballot = at::zeros({x.numel() / 32}, at::kInt);
+  lane_exchange(xc.data_ptr<float>(), rotated.data_ptr<float>(), reinterpret_cast<unsigned*>(ballot.data_ptr<int>()),
+                static_cast<int>(shift), x.numel() / threads, threads, nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {rotated, ballot};
 }
 at::Tensor divergent_barrier_op(int64_t threads) {
   at::Tensor out = at::zeros({threads}, at::kInt);
@@ -51,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor> wmma_product_op(const at::Tensor& a, const at
 
 TORCH_LIBRARY(cuda_emu_selftest, m) {
   m.def("block_sum(Tensor x, int threads) -> (Tensor, Tensor)", &cuda_emu_selftest::block_sum_op);
+  m.def("lane_exchange(Tensor x, int shift, int threads) -> (Tensor, Tensor)", &cuda_emu_selftest::lane_exchange_op);
   m.def("divergent_barrier(int threads) -> Tensor", &cuda_emu_selftest::divergent_barrier_op);
   m.def("racy_write(int threads) -> int", &cuda_emu_selftest::racy_write_op);
   m.def("wmma_product(Tensor a, Tensor b, bool sync, int shared_bytes, int opt_in_bytes) -> (Tensor, Tensor)",
