@@ -16,7 +16,9 @@
 //   backward's gradient filter gives the CPU's results (a tile whose every
 //   dL/dF entry is negligible adds nothing), but its GEMMs still run.
 // The one_minus_prob weights' pre-pass over a dense or linear teacher (its
-// log-partition) runs fused or tiled with the rest.
+// log-partition) runs fused or tiled with the rest. Teacher top-k labeling takes
+// the same two paths: fused for bf16 / fp16, tiled (cuBLAS, then
+// csrc/cuda/teacher_topk.cu) for the rest.
 // The forward ops check index values on the host (kernel_utils.h): one sync,
 // skipped while the stream is captured into a CUDA graph; the backward ops do
 // not check them again.
@@ -186,13 +188,25 @@ std::pair<at::Tensor, at::Tensor> logit_tiles(const LossConfig& cfg, const Fused
   return {f, s};
 }
 
+// KDFAST_CUDA_FUSED=0: every op takes its tiled path (for comparisons).
+bool fused_path_off() {
+  const char* env = std::getenv("KDFAST_CUDA_FUSED");
+  return env && std::strcmp(env, "0") == 0;
+}
+
+// KDFAST_CUDA_MAX_SPLITS=n: the fused forward passes use at most n class splits
+// (for tests: with few, each split takes several class tiles, as at a large V).
+int64_t max_splits() {
+  const char* env = std::getenv("KDFAST_CUDA_MAX_SPLITS");
+  return env ? std::atoll(env) : 0;
+}
+
 // The fused kernels' arguments for these inputs, or nullopt where they do not
 // take them (fused_linear.h) or KDFAST_CUDA_FUSED=0. The pointers are into in's
 // tensors and lse_w.
 std::optional<FusedLinearArgs> fused_args(const LossConfig& cfg, const FusedInputs& in, const at::Tensor& lse_w,
                                           bool backward) {
-  const char* env = std::getenv("KDFAST_CUDA_FUSED");
-  if (env && std::strcmp(env, "0") == 0) return std::nullopt;
+  if (fused_path_off()) return std::nullopt;
   const auto dtype = in.hidden_in.scalar_type();
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return std::nullopt;
   FusedLinearArgs a;
@@ -244,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_I
   const LossTerms terms = loss_terms(cfg);
   const Targets targets = device_targets(in, cfg.ignore_index);
   if (auto fa = fused_args(cfg, in, at::Tensor(), false)) {
-    const int64_t splits = fused_forward_splits(in.B, in.V);
+    const int64_t splits = fused_forward_splits(in.B, in.V, max_splits());
     at::Tensor lse_w;  // the one_minus_prob weights' log-partition: stored (top-k) or a fused pre-pass
     if (cfg.needs_teacher_prepass()) {
       if (in.teacher == TeacherKind::TopK) {
@@ -492,7 +506,29 @@ at::Tensor distillation_loss_backward_cuda(const at::Tensor& grad_losses, const 
   return grad;
 }
 
-// Teacher top-k labeling: a GEMM per class tile (as linear_tile) and the
+// The fused top-k kernel's arguments for bf16 / fp16 inputs (the teacher's
+// hidden and weight as a linear teacher's), or nullopt where it does not take
+// them or KDFAST_CUDA_FUSED=0.
+std::optional<FusedLinearArgs> fused_topk_args(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b,
+                                               int64_t k) {
+  const auto dtype = h.scalar_type();
+  if (fused_path_off() || (dtype != at::kBFloat16 && dtype != at::kHalf)) return std::nullopt;
+  FusedLinearArgs a;
+  a.input = dtype == at::kBFloat16 ? FusedInput::BFloat16 : FusedInput::Float16;
+  a.B = h.size(0);
+  a.V = w.size(0);
+  a.teacher = FusedTeacher::Linear;
+  a.d_t = h.size(1);
+  a.teacher_hidden = h.data_ptr();
+  a.teacher_weight = w.data_ptr();
+  a.teacher_bias = ptr_or_null<float>(b);
+  if (!fused_topk_supported(a, k)) return std::nullopt;
+  return a;
+}
+
+// Teacher top-k labeling: fused for bf16 / fp16 inputs (csrc/cuda/fused_linear.cu:
+// the logits made in shared memory and selected there, per class split, then the
+// splits merged), otherwise a GEMM per class tile (as linear_tile) and the
 // selection kernels of csrc/cuda/teacher_topk.cu.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias, int64_t k, double temperature,
@@ -512,6 +548,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> teacher_t
   at::Tensor lse = at::empty({B}, opts), entropy = at::empty({B}, opts), covered = at::empty({B}, opts);
   at::Tensor count = at::empty({B}, opts.dtype(at::kLong));
   at::Tensor stats = at::empty({B, kNumSoftmaxStats}, opts);
+  if (const auto fa = fused_topk_args(h, w, b, k)) {
+    const int64_t splits = fused_topk_splits(B, V, k, max_splits());
+    at::Tensor part_logit = at::empty({splits, B, k}, opts), part_index = at::empty({splits, B, k}, indices.options());
+    at::Tensor part_count = at::empty({splits, B}, count.options());
+    at::Tensor part_stats = at::empty({splits, B, kNumSoftmaxStats}, opts);
+    FusedTopkPartial partial;
+    partial.logit = part_logit.data_ptr<float>();
+    partial.index = part_index.data_ptr<int64_t>();
+    partial.count = part_count.data_ptr<int64_t>();
+    partial.stats = part_stats.data_ptr<float>();
+    fused_teacher_topk(*fa, k, temperature, splits, partial, logits.data_ptr<float>(), indices.data_ptr<int64_t>(),
+                       stats.data_ptr<float>(), current_stream());
+    topk_finish<float>(logits.data_ptr<float>(), stats.data_ptr<float>(), B, k, temperature, lse.data_ptr<float>(),
+                       entropy.data_ptr<float>(), covered.data_ptr<float>(), current_stream());
+    check_launches();
+    return {indices, logits, lse, entropy, covered};
+  }
   const int64_t tile = cuda_tile(tile_size, B, V, at::elementSize(acc_type));
   AT_DISPATCH_FLOATING_TYPES(acc_type, "teacher_topk_cuda", [&] {
     topk_init<scalar_t>(logits.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), count.data_ptr<int64_t>(),

@@ -151,16 +151,21 @@ def _fused_and_tiled(p, kwargs, grad_out, monkeypatch):
     "form, term",
     [("none", "hard_smoothed")] + [(f, t) for f in ("dense", "linear", "topk") for t in ("combined", "combined_one_minus_prob")],
 )
-@pytest.mark.parametrize("B, V, d, d_t", [(70, 300, 24, 40), (300, 1000, 13, 37)])
-def test_fused_kernels_match_the_tiled_path(form, term, B, V, d, d_t, monkeypatch):
+@pytest.mark.parametrize("B, V, d, d_t, max_splits", [(70, 300, 24, 40, None), (300, 1000, 13, 37, None),
+                                                    (300, 1000, 13, 37, 3)])
+def test_fused_kernels_match_the_tiled_path(form, term, B, V, d, d_t, max_splits, monkeypatch):
     """bf16, every term, multi-label targets: the fused kernels (tensor-core tiles in shared memory)
     give the tiled path's loss and gradients, and call no GEMM (for one_minus_prob weights, the
     teacher's log-partition is fused too). B = 70 (two row blocks, the second partial: two row
     groups of the forward's grid), V = 300 (three class tiles, the last partial), d = 24 and
     d_t = 40 (padded to 32 and staged in a chunk of 64; rows copied 16 bytes at a time), k = 7.
     B = 300, V = 1000: eight class splits by five row groups in the forward's grid; d = 13 and
-    d_t = 37 (rows copied element by element). Both sum in float, in different orders, and round
+    d_t = 37 (rows copied element by element); with KDFAST_CUDA_MAX_SPLITS=3, three splits of
+    two or three class tiles each (the forward folds each tile into the states the split's
+    previous tile left, as at a large V). Both sum in float, in different orders, and round
     dL/df and the outputs to bf16."""
+    if max_splits:
+        monkeypatch.setenv("KDFAST_CUDA_MAX_SPLITS", str(max_splits))
     p = _problem(B, d, V, seed=41, form="dense" if form == "none" else form, target_kind="multi",
                  dtype=torch.bfloat16, d_t=d_t, k=7)
     kwargs = dict(TERMS[term], reduction="none")
@@ -196,6 +201,80 @@ def test_fused_kernels_do_not_depend_on_the_threads_order(case, monkeypatch):
     for other_loss, other_grads in rest:
         assert torch.equal(loss, other_loss)
         assert all(torch.equal(a, b) for a, b in zip(grads, other_grads))
+
+
+def _grid_teacher(B, d, V, dtype, *, seed):
+    """Teacher inputs on a coarse integer grid: every logit exact in bf16 x bf16 -> float sums
+    (whatever their order), so the paths must agree bit for bit; ties are everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randint(-2, 3, (B, d), generator=g).to(dtype)
+    w = torch.randint(-2, 3, (V, d), generator=g).to(dtype)
+    b = torch.randint(-3, 4, (V,), generator=g).to(dtype)
+    return h, w, b
+
+
+def _topk_fused_and_tiled(h, w, b, k, T, monkeypatch):
+    """teacher_topk's results from the fused kernel and from the tiled path, checking which path
+    ran by the GEMMs it called."""
+    results = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv("KDFAST_CUDA_FUSED", fused)
+        before = cuda_emu.mixed_mm_calls()
+        results.append(kdfast.teacher_topk(h, w, b, k=k, temperature=T))
+        made_gemms = cuda_emu.mixed_mm_calls() > before
+        assert made_gemms == (fused == "0"), f"KDFAST_CUDA_FUSED={fused}: GEMMs called: {made_gemms}"
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "B, V, d, k, max_splits",
+    [
+        (70, 300, 40, 7, None),  # 3 class tiles (the last partial), 3 splits x 2 row groups; d padded to 64
+        (150, 1000, 100, 150, 3),  # 8 tiles in 3 splits (lists carried across tiles); d in 2 chunks; k > a tile
+        (5, 130, 64, 130, None),  # k = V: every class in the list
+    ],
+)
+def test_fused_topk_matches_the_tiled_path_and_the_reference(dtype, B, V, d, k, max_splits, monkeypatch):
+    """The fused top-k kernel (logits made in shared memory, a list per row and class split,
+    then the splits merged) against the tiled path and kdfast.reference on grid data: indices
+    and logits bit-equal, ties to the lower class across tiles and splits; a NaN row (every
+    logit NaN: the first k classes, lse NaN) and the rest of the statistics as the tiled path's."""
+    from kdfast import reference
+
+    if max_splits:
+        monkeypatch.setenv("KDFAST_CUDA_MAX_SPLITS", str(max_splits))
+    h, w, b = _grid_teacher(B, d, V, dtype, seed=B)
+    h[1, 0] = float("nan")
+    T = 1.5
+    fused, tiled = _topk_fused_and_tiled(h, w, b, k, T, monkeypatch)
+    assert torch.equal(fused.indices, tiled.indices)
+    assert torch.equal(fused.logits.isnan(), tiled.logits.isnan())
+    assert torch.equal(fused.logits.nan_to_num(), tiled.logits.nan_to_num())
+    assert torch.equal(fused.indices[1], torch.arange(k)) and bool(fused.lse[1].isnan())
+    for name in ("lse", "entropy", "covered"):
+        torch.testing.assert_close(getattr(fused, name), getattr(tiled, name), rtol=1e-5, atol=1e-6, equal_nan=True,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    rows = [i for i in range(B) if i != 1]
+    r_idx, r_val, r_lse, _, _ = reference.teacher_topk(h[rows].double(), w.double(), b.double(), k=k, temperature=T)
+    assert torch.equal(fused.indices[rows], r_idx)
+    assert torch.equal(fused.logits[rows].double(), r_val)
+    torch.testing.assert_close(fused.lse[rows].double(), r_lse, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_topk_does_not_depend_on_the_threads_order(monkeypatch):
+    """Bit-identical results under four orders of the emulated threads (as the loss kernels')."""
+    monkeypatch.setenv("KDFAST_CUDA_FUSED", "1")
+    monkeypatch.setenv("KDFAST_CUDA_MAX_SPLITS", "2")
+    h, w, b = _grid_teacher(70, 40, 300, torch.bfloat16, seed=3)
+    runs = []
+    for seed in range(2, 6):
+        cuda_emu.set_seed(seed)
+        runs.append(kdfast.teacher_topk(h, w, b, k=40, temperature=0.7))
+    cuda_emu.set_seed(1)
+    for other in runs[1:]:
+        for name in ("indices", "logits", "lse", "entropy", "covered"):
+            assert torch.equal(getattr(runs[0], name), getattr(other, name)), name
 
 
 def _call_each_cuda_op():

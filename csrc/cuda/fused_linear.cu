@@ -26,6 +26,7 @@
 #include <cmath>
 
 #include "row_math.cuh"
+#include "topk_row.cuh"
 
 namespace kdfast::cuda {
 namespace {
@@ -248,52 +249,73 @@ __device__ void load_weight_tile(const FusedLinearArgs& a, const Layout& l, cons
                             min(int64_t(kClasses), a.V - c0), a.d, l.d_pad);
 }
 
+// What the forward kernel computes per row.
+enum class Pass {
+  Loss,         // the rows' running states of the loss (kNumRowState each)
+  TeacherLse,   // the teacher's (max, sum of exp(s - max)) alone (2 each)
+  TeacherTopK,  // the teacher's top-k list and softmax statistics (FusedTopkPartial)
+};
+
 // Block (b, g) folds the class tiles b, b + splits, ... of row group g (rows
-// [g rows_per_group, (g + 1) rows_per_group)) into its rows of partial[b]:
-// the rows' running states (kNumRowState each), or with kTeacherLse the
-// teacher's (max, sum of exp(s - max)) alone (2 each).
-template <typename in_t, bool kTeacherLse>
+// [g rows_per_group, (g + 1) rows_per_group)) into its rows' part of split b's
+// partial states (partial, or topk for the top-k pass).
+template <typename in_t, Pass kPass>
 __global__ void __launch_bounds__(kThreads) fused_forward_kernel(LossTerms p, Targets targets, FusedLinearArgs a,
-                                                                 int64_t rows_per_group, float* partial) {
+                                                                 int64_t rows_per_group, float* partial,
+                                                                 FusedTopkPartial topk) {
   extern __shared__ __align__(128) unsigned char fused_smem[];
-  constexpr int kWidth = kTeacherLse ? 2 : kNumRowState;
-  const Layout l = make_layout(kTeacherLse ? 0 : a.d, a.teacher, false);
+  constexpr bool kStudent = kPass == Pass::Loss;
+  constexpr int kWidth = kPass == Pass::TeacherLse ? 2 : kNumRowState;
+  const Layout l = make_layout(kStudent ? a.d : 0, a.teacher, false);
   const Tiles<in_t> t = tiles<in_t>(fused_smem, l);
   const int64_t num_tiles = (a.V + kClasses - 1) / kClasses;
   const int64_t row_begin = int64_t(blockIdx.y) * rows_per_group, row_end = min(a.B, row_begin + rows_per_group);
-  float* my_partial = partial + int64_t(blockIdx.x) * a.B * kWidth;
   const int warp = threadIdx.x / 32;
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int64_t c0 = tile * kClasses, n = min(int64_t(kClasses), a.V - c0);
-    if (!kTeacherLse) load_weight_tile(a, l, t, c0);
+    const bool first = tile == blockIdx.x;
+    if (kStudent) load_weight_tile(a, l, t, c0);
     for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
-      make_logits(a, l, t, r0, c0, !kTeacherLse);
+      make_logits(a, l, t, r0, c0, kStudent);
       for (int r = warp; r < kRows && r0 + r < row_end; r += kWarps) {
-        const int64_t i = r0 + r;
-        float* f = kTeacherLse ? nullptr : t.f + r * kLdF;
+        const int64_t i = r0 + r, at = int64_t(blockIdx.x) * a.B + i;  // the row, its place in the split
+        float* f = kStudent ? t.f + r * kLdF : nullptr;
         float* s = t.s ? t.s + r * kLdF : nullptr;
         finish_row_logits<in_t>(a, i, c0, n, f, s);
-        float st[kWidth];
-        float* saved = my_partial + i * kWidth;
-        const bool first = tile == blockIdx.x;
-        if constexpr (kTeacherLse) {
-          st[0] = first ? neg_inf<float>() : saved[0];
-          st[1] = first ? 0.0f : saved[1];
-          lse_row(s, n, st[0], st[1], WarpGroup<float>{});
+        if constexpr (kPass == Pass::TeacherTopK) {
+          using namespace topk_row;
+          SoftmaxStats<float> st = first ? empty_stats<float>() : load_stats(topk.stats + at * kNumSoftmaxStats);
+          merge_stats(st, warp_stats(s, n, topk.inv_t), topk.inv_t);
+          const RowList<float> list{topk.logit + at * topk.k, topk.index + at * topk.k, topk.k};
+          const int64_t count = warp_select<float>(
+              n, [&](int64_t j) { return Candidate<float>{s[j], c0 + j}; }, list, first ? 0 : topk.count[at]);
+          __syncwarp();  // every lane has read the old count and statistics
+          if (threadIdx.x % 32 == 0) {
+            topk.count[at] = count;
+            store_stats(st, topk.stats + at * kNumSoftmaxStats);
+          }
         } else {
-          if (first) {
-            empty_row_state(st);
+          float st[kWidth];
+          float* saved = partial + at * kWidth;
+          if constexpr (kPass == Pass::TeacherLse) {
+            st[0] = first ? neg_inf<float>() : saved[0];
+            st[1] = first ? 0.0f : saved[1];
+            lse_row(s, n, st[0], st[1], WarpGroup<float>{});
           } else {
-            for (int j = 0; j < kWidth; ++j) st[j] = saved[j];
+            if (first) {
+              empty_row_state(st);
+            } else {
+              for (int j = 0; j < kWidth; ++j) st[j] = saved[j];
+            }
+            RowTarget y;
+            if (row_target(targets, i, y)) {
+              accumulate_row(p, y, f, s, a.lse_w ? a.lse_w + 2 * i : nullptr, n, c0, st, WarpGroup<float>{});
+            }
           }
-          RowTarget y;
-          if (row_target(targets, i, y)) {
-            accumulate_row(p, y, f, s, a.lse_w ? a.lse_w + 2 * i : nullptr, n, c0, st, WarpGroup<float>{});
+          __syncwarp();  // every lane has read the saved state
+          if (threadIdx.x % 32 == 0) {
+            for (int j = 0; j < kWidth; ++j) saved[j] = st[j];
           }
-        }
-        __syncwarp();  // every lane has read the saved state
-        if (threadIdx.x % 32 == 0) {
-          for (int j = 0; j < kWidth; ++j) saved[j] = st[j];
         }
       }
     }
@@ -468,14 +490,32 @@ dim3 forward_grid(int64_t B, int64_t splits, int64_t& rows_per_group) {
   return dim3(static_cast<unsigned>(splits), static_cast<unsigned>((B + rows_per_group - 1) / rows_per_group));
 }
 
-template <typename in_t, bool kTeacherLse>
+template <typename in_t, Pass kPass>
 void launch_forward(const LossTerms& p, const Targets& targets, const FusedLinearArgs& a, int64_t splits,
-                    float* partial, cudaStream_t stream) {
-  const Layout l = make_layout(kTeacherLse ? 0 : a.d, a.teacher, false);
+                    float* partial, const FusedTopkPartial& topk, cudaStream_t stream) {
+  const Layout l = make_layout(kPass == Pass::Loss ? a.d : 0, a.teacher, false);
   int64_t rows_per_group = 0;
   const dim3 grid = forward_grid(a.B, splits, rows_per_group);
-  allow_shared(fused_forward_kernel<in_t, kTeacherLse>, l.total);
-  fused_forward_kernel<in_t, kTeacherLse><<<grid, kThreads, l.total, stream>>>(p, targets, a, rows_per_group, partial);
+  allow_shared(fused_forward_kernel<in_t, kPass>, l.total);
+  fused_forward_kernel<in_t, kPass><<<grid, kThreads, l.total, stream>>>(p, targets, a, rows_per_group, partial, topk);
+}
+
+// launch_forward for the inputs' dtype.
+template <Pass kPass>
+void launch_forward(const LossTerms& p, const Targets& targets, const FusedLinearArgs& a, int64_t splits,
+                    float* partial, const FusedTopkPartial& topk, cudaStream_t stream) {
+  if (a.input == FusedInput::BFloat16) {
+    launch_forward<__nv_bfloat16, kPass>(p, targets, a, splits, partial, topk, stream);
+  } else {
+    launch_forward<__half, kPass>(p, targets, a, splits, partial, topk, stream);
+  }
+}
+
+// A forward pass's class splits: at most one per class tile, as many as the
+// partial states' memory allows, kForwardBlocks (or max_splits > 0) at most.
+int64_t choose_splits(int64_t num_tiles, int64_t by_memory, int64_t max_splits) {
+  const int64_t cap = max_splits > 0 ? std::min(max_splits, kForwardBlocks) : kForwardBlocks;
+  return std::max<int64_t>(1, std::min<int64_t>({num_tiles, by_memory, cap}));
 }
 
 unsigned row_threads_blocks(int64_t B) { return static_cast<unsigned>((B + 255) / 256); }
@@ -488,34 +528,48 @@ bool fused_linear_supported(const FusedLinearArgs& args, bool backward) {
   return make_layout(args.d, args.teacher, backward).total <= 160 * 1024;
 }
 
-int64_t fused_forward_splits(int64_t B, int64_t V) {
+int64_t fused_forward_splits(int64_t B, int64_t V, int64_t max_splits) {
   // the partial states within 16 MiB (kept in L2, and a small part of the step's peak memory)
   const int64_t num_tiles = (V + kClasses - 1) / kClasses;
   const int64_t by_memory = (int64_t(16) << 20) / (std::max<int64_t>(B, 1) * kNumRowState * 4);
-  return std::max<int64_t>(1, std::min<int64_t>({num_tiles, by_memory, kForwardBlocks}));
+  return choose_splits(num_tiles, by_memory, max_splits);
 }
 
 void fused_linear_forward(const LossTerms& terms, const Targets& targets, const FusedLinearArgs& args,
                           int64_t splits, float* partial, float* state, cudaStream_t stream) {
   if (args.B <= 0 || args.V <= 0) return;
-  if (args.input == FusedInput::BFloat16) {
-    launch_forward<__nv_bfloat16, false>(terms, targets, args, splits, partial, stream);
-  } else {
-    launch_forward<__half, false>(terms, targets, args, splits, partial, stream);
-  }
+  launch_forward<Pass::Loss>(terms, targets, args, splits, partial, FusedTopkPartial{}, stream);
   merge_states_kernel<<<row_threads_blocks(args.B), 256, 0, stream>>>(terms, partial, splits, args.B, state);
 }
 
 void fused_teacher_lse(const FusedLinearArgs& args, int64_t splits, float* partial, float* lse, cudaStream_t stream) {
   if (args.B <= 0 || args.V <= 0) return;
-  const LossTerms unused;
-  const Targets none;
-  if (args.input == FusedInput::BFloat16) {
-    launch_forward<__nv_bfloat16, true>(unused, none, args, splits, partial, stream);
-  } else {
-    launch_forward<__half, true>(unused, none, args, splits, partial, stream);
-  }
+  launch_forward<Pass::TeacherLse>(LossTerms{}, Targets{}, args, splits, partial, FusedTopkPartial{}, stream);
   merge_lse_kernel<<<row_threads_blocks(args.B), 256, 0, stream>>>(partial, splits, args.B, lse);
+}
+
+bool fused_topk_supported(const FusedLinearArgs& args, int64_t k) {
+  return args.teacher == FusedTeacher::Linear && args.d_t >= 1 && k >= 1 && k <= kMaxTopK &&
+         make_layout(0, args.teacher, false).total <= 160 * 1024;
+}
+
+int64_t fused_topk_splits(int64_t B, int64_t V, int64_t k, int64_t max_splits) {
+  // the partial lists within 64 MiB (a small part of a labeling batch's memory)
+  const int64_t num_tiles = (V + kClasses - 1) / kClasses;
+  const int64_t row_bytes = k * (4 + 8) + 8 + kNumSoftmaxStats * 4;
+  const int64_t by_memory = (int64_t(64) << 20) / (std::max<int64_t>(B, 1) * row_bytes);
+  return choose_splits(num_tiles, by_memory, max_splits);
+}
+
+void fused_teacher_topk(const FusedLinearArgs& args, int64_t k, double temperature, int64_t splits,
+                        FusedTopkPartial partial, float* best_logit, int64_t* best_index, float* stats,
+                        cudaStream_t stream) {
+  if (args.B <= 0 || args.V <= 0) return;
+  partial.k = k;
+  partial.inv_t = 1.0f / float(temperature);  // as teacher_topk.cu's kernels
+  launch_forward<Pass::TeacherTopK>(LossTerms{}, Targets{}, args, splits, nullptr, partial, stream);
+  topk_merge_splits(partial.logit, partial.index, partial.count, partial.stats, splits, args.B, k, temperature,
+                    best_logit, best_index, stats, stream);
 }
 
 void fused_linear_backward(const LossTerms& terms, const Targets& targets, const FusedLinearArgs& args,

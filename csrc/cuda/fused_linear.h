@@ -10,6 +10,9 @@
 //   forward:  fused_linear_forward -> per-row running states (each block folds
 //             its classes into its own partial states, then a merge in block
 //             order: deterministic), then loss_tiles.h's finish_rows;
+//   teacher top-k labeling: fused_teacher_topk -> per-row top-k lists and
+//             softmax statistics per class split, merged in split order
+//             (teacher_topk.h's topk_merge_splits), then topk_finish;
 //   backward: fused_linear_backward -> grad_hidden (float, added to with
 //             atomics: its summation order varies from run to run),
 //             grad_weight and grad_bias (each class tile's written once, by the
@@ -21,6 +24,7 @@
 #include <cstdint>
 
 #include "loss_tiles.h"
+#include "teacher_topk.h"
 
 namespace kdfast::cuda {
 
@@ -57,8 +61,9 @@ bool fused_linear_supported(const FusedLinearArgs& args, bool backward);
 
 // The number of class splits of the forward for these sizes: each split (a
 // column of blocks, one per group of rows) has its own partial states
-// [B, kNumRowState], together at most 16 MiB.
-int64_t fused_forward_splits(int64_t B, int64_t V);
+// [B, kNumRowState], together at most 16 MiB. max_splits > 0 caps them (the
+// glue's KDFAST_CUDA_MAX_SPLITS, for tests: several class tiles per split).
+int64_t fused_forward_splits(int64_t B, int64_t V, int64_t max_splits = 0);
 
 // partial [splits, B, kNumRowState] (scratch) -> state [B, kNumRowState], the
 // running state of every row over all classes.
@@ -69,6 +74,34 @@ void fused_linear_forward(const LossTerms& terms, const Targets& targets, const 
 // logits s (the log-partition one_minus_prob weights take), computed as the
 // forward computes them; partial [splits, B, 2] scratch.
 void fused_teacher_lse(const FusedLinearArgs& args, int64_t splits, float* partial, float* lse, cudaStream_t stream);
+
+// The top-k pass's per-split states (scratch, allocated by the caller for
+// fused_topk_splits splits): logit, index [splits, B, k], count [splits, B] and
+// stats [splits, B, kNumSoftmaxStats]; k and inv_t are set by fused_teacher_topk.
+struct FusedTopkPartial {
+  float* logit = nullptr;
+  int64_t* index = nullptr;
+  int64_t* count = nullptr;
+  float* stats = nullptr;
+  int64_t k = 0;
+  float inv_t = 1.0f;
+};
+
+// Whether fused_teacher_topk takes these inputs: the logits are a linear
+// teacher's (teacher_hidden [B, d_t] teacher_weight^T + teacher_bias, any d_t;
+// args.d unused), 1 <= k <= kMaxTopK.
+bool fused_topk_supported(const FusedLinearArgs& args, int64_t k);
+
+// The number of class splits of the top-k pass: its partial states together at
+// most 64 MiB (max_splits as fused_forward_splits').
+int64_t fused_topk_splits(int64_t B, int64_t V, int64_t k, int64_t max_splits = 0);
+
+// best_logit, best_index [B, k] <- each row's k largest teacher logits and their
+// classes (teacher_topk.cu's order), stats [B, kNumSoftmaxStats] <- the softmax
+// statistics of logits / temperature, for topk_finish.
+void fused_teacher_topk(const FusedLinearArgs& args, int64_t k, double temperature, int64_t splits,
+                        FusedTopkPartial partial, float* best_logit, int64_t* best_index, float* stats,
+                        cudaStream_t stream);
 
 // grad_hidden [B, d] float, zeroed by the caller, += dL/dhidden; grad_weight
 // [V, d] (input dtype) and grad_bias [V] (float, or null) <- dL/dweight, dL/dbias.

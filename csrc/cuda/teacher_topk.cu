@@ -19,9 +19,6 @@ using namespace topk_row;
 constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = kThreads / 32;  // a warp per row
 
-__device__ __forceinline__ float d_log(float x) { return logf(x); }
-__device__ __forceinline__ double d_log(double x) { return log(x); }
-
 template <typename T>
 __global__ void topk_init_kernel(T* best_logit, int64_t* best_index, int64_t* count, T* stats, int64_t B, int64_t k) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;

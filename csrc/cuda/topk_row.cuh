@@ -16,7 +16,12 @@
 #include <cmath>
 #include <cstdint>
 
+#include "row_math.cuh"
+
 namespace kdfast::cuda::topk_row {
+
+using row_math::d_exp;
+using row_math::d_log;
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -177,9 +182,6 @@ template <typename T>
 __device__ __forceinline__ SoftmaxStats<T> empty_stats() {
   return SoftmaxStats<T>{-T(INFINITY), T(0), T(0), false};
 }
-
-__device__ __forceinline__ float d_exp(float x) { return expf(x); }
-__device__ __forceinline__ double d_exp(double x) { return exp(x); }
 
 // st <- st and o together (each relative to its own max).
 template <typename T>
