@@ -8,7 +8,8 @@ Forward+backward (gradients of the student hidden and weight) of
 ``bench_fused_linear.py`` (hard CE; CE + KD and double distillation with the teacher on
 the fly; double distillation with a top-32 teacher; pick-all-labels), B=64, d_s=64,
 d_t=512, V=100,000, float32, CPU. Timing only (no peak memory: ``bench_fused_linear.py``
-measures that in fresh processes). Not part of CI.
+measures that in fresh processes). In ``make test`` (CI) they run with ``--benchmark-disable``:
+each step once, untimed, for its checks.
 
 The tests after those check the ``--device cuda`` path without a GPU (arguments, plan, helpers
 on CPU tensors, a run with fake workers, the report, ``cuda_smoke.py``); they take seconds.

@@ -6,7 +6,8 @@
 Forward+backward of kdfast and of PyTorch eager for the three cases of
 ``bench_losses.py`` (hard CE; hard CE + soft KD at T=2 with a dense teacher;
 double distillation), B=64, V=100,000, float32, CPU. Timing only (no peak memory:
-``bench_losses.py`` measures that in fresh processes). Not part of CI.
+``bench_losses.py`` measures that in fresh processes). In ``make test`` (CI) they run with
+``--benchmark-disable``: each step once, untimed, for its checks.
 """
 
 from __future__ import annotations
