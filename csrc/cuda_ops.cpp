@@ -3,8 +3,8 @@
 // a CUDA torch (setup.py); `make cuda-check` syntax-checks it anywhere nvcc is.
 //
 // The fused linear loss takes one of two paths:
-// - fused (csrc/cuda/fused_linear.cu), for bf16 / fp16 inputs with d <= 128
-//   (backward: bf16 only): logit tiles made by tensor cores in shared memory and
+// - fused (csrc/cuda/fused_linear.cu), for bf16 / fp16 inputs with d <= 128:
+//   logit tiles made by tensor cores in shared memory and
 //   reduced there, so no logits reach global memory; a block whose gradient
 //   entries are all negligible skips its gradient GEMMs. KDFAST_CUDA_FUSED=0
 //   turns it off (for comparisons).
@@ -319,8 +319,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
   const at::Tensor lse_w =
       weights_lse_backward(cfg, st, in.teacher == TeacherKind::TopK ? in.topk_lse : at::Tensor());
   // bf16: dL/dF rounded to bf16 for the tensor-core GEMMs, as Cut Cross-Entropy.
-  // Not fp16: its range would flush the background entries (~1/(B V) under a
-  // mean reduction, 4e-10 at B = 4096, V = 670k) to 0, so fp16 runs float GEMMs.
+  // Not fp16 here: its range would flush the background entries (~1/(B V) under a
+  // mean reduction, 4e-10 at B = 4096, V = 670k) to 0, so the tiled fp16 path runs
+  // float GEMMs (the fused kernel scales its tiles instead).
   const bool low_precision = in.hidden_in.scalar_type() == at::kBFloat16;
   at::Tensor grad_hidden = at::zeros({in.B, in.d}, opts);
   at::Tensor grad_weight = at::empty({in.V, in.d}, weight.options().memory_format(at::MemoryFormat::Contiguous));

@@ -11,9 +11,10 @@ from __future__ import annotations
 import cuda_emulation as cuda_emu  # on sys.path: tests/conftest.py installed the emulation from it
 import pytest
 import torch
-from test_fused_linear import TERMS, _grad_out, _peaked_problem, _problem, _run_fused
+from test_fused_linear import TERMS, _grad_out, _peaked_problem, _problem, _run_dense, _run_fused
 
 import kdfast
+from kdfast import reference
 
 SELFTEST = torch.ops.cuda_emu_selftest
 
@@ -176,6 +177,28 @@ def test_fused_kernels_match_the_tiled_path(form, term, B, V, d, d_t, max_splits
         torch.testing.assert_close(g.float(), g_t.float(), rtol=2**-7, atol=2**-9 * scale, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("form, term", [("none", "hard_smoothed"), ("linear", "combined"), ("dense", "soft")])
+@pytest.mark.parametrize("upstream", [1.0, 2.0**-14], ids=["upstream_1", "upstream_2^-14"])
+def test_fused_fp16_backward_keeps_small_gradient_entries(form, term, upstream, monkeypatch):
+    """fp16, mean reduction over B = 300, V = 1000: the background entries of dL/df (~1/(B V),
+    times the upstream gradient) are below fp16's normal range (6e-5), most of them below its
+    smallest subnormal at upstream 2^-14. The fused backward scales each dL/df tile by a power of
+    two before rounding it to fp16, so its gradients' error against float64 stays within twice
+    the tiled path's (float dL/df and GEMMs) plus one fp16 rounding of the output. Rounding the
+    unscaled tile instead fails this at upstream 2^-14 (checked by hand: grad_hidden's error
+    6-14x the tiled path's)."""
+    p = _problem(300, 13, 1000, seed=47, form="dense" if form == "none" else form, target_kind="int",
+                 dtype=torch.float16, d_t=37, k=7)
+    kwargs = dict(TERMS[term], reduction="none")
+    g = torch.full((p.B,), upstream / p.B, dtype=torch.float16)
+    (_, grads), (_, grads_t) = _fused_and_tiled(p, kwargs, g, monkeypatch)
+    _, exact = _run_dense(reference.distillation_loss, p, kwargs, g.double(), torch.float64)
+    for name, got, tiled, want in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, grads_t, exact):
+        half_ulp = 2.0**-11 * want.abs().max().item()
+        err, err_t = ((x.double() - want).abs().max().item() for x in (got, tiled))
+        assert err <= 2 * err_t + half_ulp, f"{name}: fused {err:.3g} > 2 x tiled {err_t:.3g} + half ulp {half_ulp:.3g}"
+
+
 @pytest.mark.parametrize("case", ["peaked_hard_filtered", "linear_one_minus_prob", "topk_combined"])
 def test_fused_kernels_do_not_depend_on_the_threads_order(case, monkeypatch):
     """The fused kernels under four orders of the emulated threads (seeds) give bit-identical
@@ -240,8 +263,6 @@ def test_fused_topk_matches_the_tiled_path_and_the_reference(dtype, B, V, d, k, 
     then the splits merged) against the tiled path and kdfast.reference on grid data: indices
     and logits bit-equal, ties to the lower class across tiles and splits; a NaN row (every
     logit NaN: the first k classes, lse NaN) and the rest of the statistics as the tiled path's."""
-    from kdfast import reference
-
     if max_splits:
         monkeypatch.setenv("KDFAST_CUDA_MAX_SPLITS", str(max_splits))
     h, w, b = _grid_teacher(B, d, V, dtype, seed=B)

@@ -8,7 +8,8 @@
 //      d_t staged in chunks of kFusedTeacherChunk;
 //   3. each warp takes 8 of the tile's rows, a row at a time, and runs the
 //      per-row maths of row_math.cuh on it (WarpGroup);
-//   4. backward only: dL/df, in place of f, rounded to the input dtype, then
+//   4. backward only: dL/df, in place of f, rounded to the input dtype (fp16:
+//      scaled by a power of two per row block first, undone after), then
 //      dX += G W (float atomics into grad_hidden) and dW += G^T X (fragments
 //      kept in registers across the row blocks: each block owns its classes).
 // The forward's blocks each own a strided set of class tiles and a group of
@@ -24,6 +25,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "row_math.cuh"
 #include "topk_row.cuh"
@@ -360,6 +362,8 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
                                                                   float* grad_hidden, in_t* grad_weight,
                                                                   float* grad_bias) {
   extern __shared__ __align__(128) unsigned char fused_smem[];
+  constexpr bool kScaled = std::is_same_v<in_t, __half>;  // fp16's gradient tile is scaled
+  __shared__ int tile_largest;  // (fp16) the bits of the row block's largest |G| entry
   const Layout l = make_layout(a.d, a.teacher, true);
   const Tiles<in_t> t = tiles<in_t>(fused_smem, l);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -375,6 +379,7 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
   for (int64_t r0 = 0; r0 < a.B; r0 += kRows) {
     const int64_t rows = min(int64_t(kRows), a.B - r0);
     for (int j = threadIdx.x; j < kClasses; j += kThreads) t.keep[j] = filtering ? 0 : 1;
+    if (threadIdx.x == 0) tile_largest = 0;  // (the last row block read it before its later barriers)
     make_logits(a, l, t, r0, c0);
     // dL/df in place of f, row by row; rows that contribute nothing (and those past B) zero
     for (int r = warp; r < kRows; r += kWarps) {
@@ -405,12 +410,34 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
     const int kept_any = __syncthreads_or(threadIdx.x < kClasses && t.keep[threadIdx.x] != 0);
     if (!kept_any) continue;
     // G in the input dtype, the negligible groups zeroed; the bias's gradient summed in row order
+    float largest = 0.0f;  // (fp16) the tile's largest |G| entry, this thread's part
     for (int e = threadIdx.x; e < kRows * kClasses; e += kThreads) {
       const int r = e / kClasses, j = e % kClasses;
       const bool kept = t.keep[group_of(j)] != 0 || j >= n;
       const float g = kept ? t.f[r * kLdF + j] : 0.0f;
       t.f[r * kLdF + j] = g;
-      t.grad[r * kLdG + j] = from_float<in_t>(g);
+      if constexpr (kScaled) {
+        largest = fmaxf(largest, fabsf(g));  // (a NaN is dropped here; it still reaches G below)
+      } else {
+        t.grad[r * kLdG + j] = from_float<in_t>(g);
+      }
+    }
+    // fp16: G scaled by the power of two that puts the tile's largest entry in [2^14, 2^15), so
+    // that its range keeps the small entries (a mean reduction's ~1/(B V)); dX and dW unscale
+    float scale = 1.0f, unscale = 1.0f;
+    if constexpr (kScaled) {
+      atomicMax(&tile_largest, __float_as_int(largest));  // (non-negative floats order as their bits)
+      __syncthreads();
+      const float m = __int_as_float(tile_largest);
+      if (m > 0.0f && m <= 3.0e38f) {
+        const int shift = min(max(14 - ilogbf(m), -126), 126);
+        scale = ldexpf(1.0f, shift);
+        unscale = ldexpf(1.0f, -shift);
+      }
+      for (int e = threadIdx.x; e < kRows * kClasses; e += kThreads) {
+        const int r = e / kClasses, j = e % kClasses;
+        t.grad[r * kLdG + j] = from_float<in_t>(t.f[r * kLdF + j] * scale);
+      }
     }
     __syncthreads();
     if (a.bias) {
@@ -438,18 +465,39 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
     __syncthreads();
     for (int e = threadIdx.x; e < rows * a.d; e += kThreads) {
       const int r = e / a.d, c = e % a.d;
-      atomicAdd(grad_hidden + (r0 + r) * a.d + c, t.f[r * kLdF + c]);
+      atomicAdd(grad_hidden + (r0 + r) * a.d + c, kScaled ? t.f[r * kLdF + c] * unscale : t.f[r * kLdF + c]);
     }
-    // dW[warp's 16 classes, :d_pad] += G^T X (G^T: the gradient tile read column-major)
-    for (int k0 = 0; k0 < kRows; k0 += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, in_t, wmma::col_major> gt;
-      wmma::load_matrix_sync(gt, t.grad + k0 * kLdG + warp * 16, kLdG);
+    // dW[warp's 16 classes, :d_pad] += G^T X (G^T: the gradient tile read column-major); fp16:
+    // each fragment's product made apart, then unscaled into its sum
+    using GradT = wmma::fragment<wmma::matrix_a, 16, 16, 16, in_t, wmma::col_major>;
+    using HiddenB = wmma::fragment<wmma::matrix_b, 16, 16, 16, in_t, wmma::row_major>;
+    if constexpr (kScaled) {
 #pragma unroll
       for (int q = 0; q < kDimFrags; ++q) {
         if (q < dim_frags) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, in_t, wmma::row_major> xb;
-          wmma::load_matrix_sync(xb, t.x + k0 * l.ld + q * 16, l.ld);
-          wmma::mma_sync(dw[q], gt, xb, dw[q]);
+          Accumulator part;
+          wmma::fill_fragment(part, 0.0f);
+          for (int k0 = 0; k0 < kRows; k0 += 16) {
+            GradT gt;
+            HiddenB xb;
+            wmma::load_matrix_sync(gt, t.grad + k0 * kLdG + warp * 16, kLdG);
+            wmma::load_matrix_sync(xb, t.x + k0 * l.ld + q * 16, l.ld);
+            wmma::mma_sync(part, gt, xb, part);
+          }
+          for (int e = 0; e < part.num_elements; ++e) dw[q].x[e] += part.x[e] * unscale;
+        }
+      }
+    } else {
+      for (int k0 = 0; k0 < kRows; k0 += 16) {
+        GradT gt;
+        wmma::load_matrix_sync(gt, t.grad + k0 * kLdG + warp * 16, kLdG);
+#pragma unroll
+        for (int q = 0; q < kDimFrags; ++q) {
+          if (q < dim_frags) {
+            HiddenB xb;
+            wmma::load_matrix_sync(xb, t.x + k0 * l.ld + q * 16, l.ld);
+            wmma::mma_sync(dw[q], gt, xb, dw[q]);
+          }
         }
       }
     }
@@ -524,7 +572,6 @@ unsigned row_threads_blocks(int64_t B) { return static_cast<unsigned>((B + 255) 
 
 bool fused_linear_supported(const FusedLinearArgs& args, bool backward) {
   if (args.d < 1 || args.d > kFusedMaxDim) return false;
-  if (backward && args.input != FusedInput::BFloat16) return false;
   return make_layout(args.d, args.teacher, backward).total <= 160 * 1024;
 }
 
@@ -578,10 +625,19 @@ void fused_linear_backward(const LossTerms& terms, const Targets& targets, const
   if (args.B <= 0 || args.V <= 0) return;
   const Layout l = make_layout(args.d, args.teacher, true);
   const unsigned blocks = static_cast<unsigned>((args.V + kClasses - 1) / kClasses);
-  allow_shared(fused_backward_kernel<__nv_bfloat16>, l.total);
-  fused_backward_kernel<__nv_bfloat16><<<blocks, kThreads, l.total, stream>>>(
-      terms, targets, args, stats, grad_losses, static_cast<float>(filter_eps), std::max<int64_t>(filter_group, 1),
-      grad_hidden, static_cast<__nv_bfloat16*>(grad_weight), grad_bias);
+  const float eps = static_cast<float>(filter_eps);
+  const int64_t group = std::max<int64_t>(filter_group, 1);
+  if (args.input == FusedInput::BFloat16) {
+    allow_shared(fused_backward_kernel<__nv_bfloat16>, l.total);
+    fused_backward_kernel<__nv_bfloat16><<<blocks, kThreads, l.total, stream>>>(
+        terms, targets, args, stats, grad_losses, eps, group, grad_hidden, static_cast<__nv_bfloat16*>(grad_weight),
+        grad_bias);
+  } else {
+    allow_shared(fused_backward_kernel<__half>, l.total);
+    fused_backward_kernel<__half><<<blocks, kThreads, l.total, stream>>>(
+        terms, targets, args, stats, grad_losses, eps, group, grad_hidden, static_cast<__half*>(grad_weight),
+        grad_bias);
+  }
 }
 
 }  // namespace kdfast::cuda

@@ -54,9 +54,10 @@ struct FusedLinearArgs {
   const float* lse_w = nullptr;  // [B, 2] (max, log-sum) for one_minus_prob weights, or null
 };
 
-// Whether the fused kernels take these inputs: d <= kFusedMaxDim, and for the
-// backward bf16 only (fp16's range would flush small dL/df entries to zero:
-// cuda_ops.cpp's float GEMMs keep them).
+// Whether the fused kernels take these inputs: d <= kFusedMaxDim and the
+// block's shared memory within 160 KiB. (The fp16 backward scales each row
+// block's dL/df tile by a power of two before rounding it, so fp16's range
+// keeps its small entries.)
 bool fused_linear_supported(const FusedLinearArgs& args, bool backward);
 
 // The number of class splits of the forward for these sizes: each split (a

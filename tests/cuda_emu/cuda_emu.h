@@ -128,6 +128,22 @@ inline int atomicOr(int* address, int value) {
   *address = old | value;
   return old;
 }
+inline int __float_as_int(float x) {
+  int bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+inline float __int_as_float(int bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+inline int atomicMax(int* address, int value) {
+  const int old = *address;
+  *address = std::max(old, value);
+  return old;
+}
 inline float atomicAdd(float* address, float value) {
   const float old = *address;
   *address = old + value;
