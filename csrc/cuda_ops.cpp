@@ -3,21 +3,21 @@
 // a CUDA torch (setup.py); `make cuda-check` syntax-checks it anywhere nvcc is.
 //
 // The fused linear loss takes one of two paths:
-// - fused (csrc/cuda/fused_linear.cu), for bf16 / fp16 inputs with d <= 128:
-//   logit tiles made by tensor cores in shared memory and
-//   reduced there, so no logits reach global memory; a block whose gradient
-//   entries are all negligible skips its gradient GEMMs. KDFAST_CUDA_FUSED=0
-//   turns it off (for comparisons).
-// - tiled, for the rest: each class tile's logits are made by a cuBLAS GEMM
-//   (at::mm; bf16/fp16 on tensor cores with float32 output, float32 as torch's
-//   TF32 setting says) into a [B, tile] float buffer that the kernels of
+// - fused (csrc/cuda/fused_linear.cu), for bf16 / fp16 inputs with d <= 128,
+//   and float ones where torch allows TF32 (fused_input): logit tiles made by
+//   tensor cores in shared memory and reduced there, so no logits reach global
+//   memory; a block whose gradient entries are all negligible skips its
+//   gradient GEMMs. KDFAST_CUDA_FUSED=0 turns it off (for comparisons).
+// - tiled, for the rest (exact float32 among them): each class tile's logits
+//   are made by a cuBLAS GEMM (at::mm; bf16/fp16 on tensor cores with float32
+//   output, float32 as torch's TF32 setting says) into a [B, tile] float buffer that the kernels of
 //   csrc/cuda/loss_tiles.cu reduce; tiles run in order on the current stream.
 //   So the logits of one tile, not of the batch, reach global memory. The
 //   backward's gradient filter gives the CPU's results (a tile whose every
 //   dL/dF entry is negligible adds nothing), but its GEMMs still run.
 // The one_minus_prob weights' pre-pass over a dense or linear teacher (its
 // log-partition) runs fused or tiled with the rest. Teacher top-k labeling takes
-// the same two paths: fused for bf16 / fp16, tiled (cuBLAS, then
+// the same two paths: fused for bf16 / fp16 (and TF32 float), tiled (cuBLAS, then
 // csrc/cuda/teacher_topk.cu) for the rest.
 // The forward ops check index values on the host (kernel_utils.h): one sync,
 // skipped while the stream is captured into a CUDA graph; the backward ops do
@@ -201,16 +201,28 @@ int64_t max_splits() {
   return env ? std::atoll(env) : 0;
 }
 
+// The fused kernels' input kind for tensors of this dtype: bf16, fp16, and float
+// where torch allows TF32 for float matmuls (torch.backends.cuda.matmul.allow_tf32,
+// or float32 matmul precision "high"; the fused kernels multiply float in tf32,
+// so exact float32 takes the tiled path); nullopt for the rest, or with
+// KDFAST_CUDA_FUSED=0.
+std::optional<FusedInput> fused_input(at::ScalarType dtype) {
+  if (fused_path_off()) return std::nullopt;
+  if (dtype == at::kBFloat16) return FusedInput::BFloat16;
+  if (dtype == at::kHalf) return FusedInput::Float16;
+  if (dtype == at::kFloat && at::globalContext().allowTF32CuBLAS()) return FusedInput::Float32;
+  return std::nullopt;
+}
+
 // The fused kernels' arguments for these inputs, or nullopt where they do not
-// take them (fused_linear.h) or KDFAST_CUDA_FUSED=0. The pointers are into in's
-// tensors and lse_w.
+// take them (fused_input, fused_linear.h). The pointers are into in's tensors
+// and lse_w.
 std::optional<FusedLinearArgs> fused_args(const LossConfig& cfg, const FusedInputs& in, const at::Tensor& lse_w,
                                           bool backward) {
-  if (fused_path_off()) return std::nullopt;
-  const auto dtype = in.hidden_in.scalar_type();
-  if (dtype != at::kBFloat16 && dtype != at::kHalf) return std::nullopt;
+  const auto input = fused_input(in.hidden_in.scalar_type());
+  if (!input) return std::nullopt;
   FusedLinearArgs a;
-  a.input = dtype == at::kBFloat16 ? FusedInput::BFloat16 : FusedInput::Float16;
+  a.input = *input;
   a.B = in.B;
   a.V = in.V;
   a.d = in.d;
@@ -507,15 +519,15 @@ at::Tensor distillation_loss_backward_cuda(const at::Tensor& grad_losses, const 
   return grad;
 }
 
-// The fused top-k kernel's arguments for bf16 / fp16 inputs (the teacher's
-// hidden and weight as a linear teacher's), or nullopt where it does not take
-// them or KDFAST_CUDA_FUSED=0.
+// The fused top-k kernel's arguments (the teacher's hidden and weight as a
+// linear teacher's), or nullopt where it does not take them (fused_input,
+// fused_linear.h).
 std::optional<FusedLinearArgs> fused_topk_args(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b,
                                                int64_t k) {
-  const auto dtype = h.scalar_type();
-  if (fused_path_off() || (dtype != at::kBFloat16 && dtype != at::kHalf)) return std::nullopt;
+  const auto input = fused_input(h.scalar_type());
+  if (!input) return std::nullopt;
   FusedLinearArgs a;
-  a.input = dtype == at::kBFloat16 ? FusedInput::BFloat16 : FusedInput::Float16;
+  a.input = *input;
   a.B = h.size(0);
   a.V = w.size(0);
   a.teacher = FusedTeacher::Linear;
@@ -527,7 +539,7 @@ std::optional<FusedLinearArgs> fused_topk_args(const at::Tensor& h, const at::Te
   return a;
 }
 
-// Teacher top-k labeling: fused for bf16 / fp16 inputs (csrc/cuda/fused_linear.cu:
+// Teacher top-k labeling: fused for bf16 / fp16 (and TF32 float) inputs (csrc/cuda/fused_linear.cu:
 // the logits made in shared memory and selected there, per class split, then the
 // splits merged), otherwise a GEMM per class tile (as linear_tile) and the
 // selection kernels of csrc/cuda/teacher_topk.cu.

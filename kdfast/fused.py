@@ -107,10 +107,12 @@ def fused_linear_distillation_loss(
             a class tile is skipped in the backward when every ``|dL/dlogit|`` in it is below
             ``filter_eps`` times its row's upstream gradient; each skipped entry changes
             ``grad_hidden[i]`` by at most ``filter_eps * |g_i| * ||W_j||`` and ``grad_weight[j]`` by
-            at most ``filter_eps * |g_i| * ||h_i||``. CUDA gives the same gradients but still runs the
-            skipped tiles' GEMMs (the filter saves no time there yet).
+            at most ``filter_eps * |g_i| * ||h_i||``. CUDA's fused kernels filter per block of 64
+            rows as well, and skip those blocks' gradient GEMMs; its tiled path gives the same
+            gradients as the CPU but still runs the skipped tiles' GEMMs.
         tile_size: classes per tile (default: from ``B`` and a memory budget for the [B, tile] buffers:
-            4 MiB per thread on CPU, 96 MiB on CUDA).
+            4 MiB per thread on CPU, 96 MiB on CUDA). CUDA's fused kernels use tiles of 128 classes
+            (a smaller ``tile_size`` sets their filter's class groups).
 
     The other keywords are those of :func:`kdfast.distillation_loss`. With a ``one_minus_prob``
     double term and a dense or on-the-fly teacher, the teacher's logits are made twice (its
@@ -119,7 +121,10 @@ def fused_linear_distillation_loss(
     Precision: the logits and every sum are float32 (float64 for float64 inputs). bf16/fp16 inputs
     are read as they are; on the CPU, bf16 tile GEMMs run as MKL's bf16 x bf16 -> float32 GEMM where
     the CPU has AMX (:func:`kdfast.ops.cpu_bf16_gemm_status`; ``KDFAST_CPU_BF16_GEMM=0`` upcasts to
-    float32 GEMMs instead), with the same logits and gradients within one bf16 rounding.
+    float32 GEMMs instead), with the same logits and gradients within one bf16 rounding. On CUDA,
+    bf16/fp16 inputs with ``d <= 128`` run fused kernels (tensor cores; no logits in global memory),
+    as do float32 ones where torch allows TF32 (``torch.backends.cuda.matmul.allow_tf32``): their
+    products are then tf32's; float32 stays exact (tiled cuBLAS GEMMs) by default.
 
     Memory: on the CPU, a ``grad_weight`` of 2 MiB or more is put on transparent huge pages and,
     once freed, kept for the next backward of the same size, so a training loop does not fault

@@ -111,7 +111,8 @@ def teacher_topk(
         temperature: the temperature of ``lse``, ``entropy`` and ``covered`` (any real number > 0,
             numpy scalars included).
         tile_size: classes per tile, an int ``>= 0``; ``None`` or 0: the default, from ``B`` and a
-            per-thread memory budget. (bf16 / fp16 on CUDA: the fused kernel's 128-class tiles.)
+            per-thread memory budget. (CUDA's fused kernel, for bf16 / fp16 inputs and for float32
+            ones where torch allows TF32: tiles of 128 classes.)
 
     Returns:
         A :class:`kdfast.TopK` with ``indices`` ``[B, k]`` int64 (descending logit; ties to the

@@ -110,6 +110,27 @@ def test_tensor_core_product_in_dynamic_shared_memory():
     torch.testing.assert_close(total.double(), expected.sum(), rtol=1e-5, atol=1e-4)
 
 
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to tf32: to nearest on the 13 low mantissa bits, ties away from zero."""
+    bits = x.view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def test_tf32_tensor_core_product():
+    """wmma's 16 x 16 x 8 tf32 shape: __float_to_tf32 rounds to nearest (ties away from zero, the
+    halfway cases included here), the product is that of the rounded inputs, summed in float."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(16, 8, generator=g), torch.randn(8, 16, generator=g)
+    a[0, 0] = 1.0 + 2.0**-11  # halfway between two tf32 values: rounds up (away from zero)
+    a[0, 1] = -(1.0 + 2.0**-11)
+    a[0, 2] = 1.0 + 2.0**-11 - 2.0**-23  # just below halfway: rounds down
+    c = SELFTEST.tf32_product(a, b)
+    assert _tf32(a[0, :3]).tolist() == [1.0 + 2.0**-10, -(1.0 + 2.0**-10), 1.0]
+    expected = _tf32(a).double() @ _tf32(b).double()  # the products are exact in float
+    torch.testing.assert_close(c.double(), expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(c.double(), a.double() @ b.double(), rtol=1e-6, atol=1e-6)  # rounding happened
+
+
 def test_dynamic_shared_memory_over_48k_needs_the_opt_in():
     a, b = _bf16_pair()
     with pytest.raises(RuntimeError, match=r"asks for 65536 bytes of dynamic shared memory, over the 49152"):
@@ -199,7 +220,39 @@ def test_fused_fp16_backward_keeps_small_gradient_entries(form, term, upstream, 
         assert err <= 2 * err_t + half_ulp, f"{name}: fused {err:.3g} > 2 x tiled {err_t:.3g} + half ulp {half_ulp:.3g}"
 
 
-@pytest.mark.parametrize("case", ["peaked_hard_filtered", "linear_one_minus_prob", "topk_combined"])
+def _gemm_calls(fn):
+    """(fn's result, how many float GEMMs (aten::mm / addmm) it called)."""
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, sum(1 for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::mm_out"))
+
+
+@pytest.mark.parametrize("form, term", [("none", "hard_smoothed"), ("linear", "combined_one_minus_prob"),
+                                        ("topk", "combined")])
+def test_float32_takes_the_fused_kernels_only_with_tf32_allowed(form, term, monkeypatch):
+    """float32 with allow_tf32: the fused kernels (tf32 WMMA, no GEMM called), within tf32's error
+    of the exact float32 path, which the default (allow_tf32 off) takes with its float32 GEMMs.
+    The top-k op the same way. (d = 24, d_t = 40: the float layout's teacher chunks of 32.)"""
+    p = _problem(70, 24, 300, seed=44, form="dense" if form == "none" else form, target_kind="multi",
+                 dtype=torch.float32, d_t=40, k=7)
+    kwargs = dict(TERMS[term], reduction="none")
+    results = []
+    for tf32 in (True, False):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+        (loss, grads), gemms = _gemm_calls(lambda: _run_fused(p, kwargs, _grad_out(p, "none"), exact=True))
+        assert (gemms == 0) == tf32, f"allow_tf32={tf32}: {gemms} GEMMs"
+        results.append((loss, grads))
+    (loss, grads), (loss_x, grads_x) = results
+    for got, want in zip((loss,) + grads, (loss_x,) + grads_x):
+        torch.testing.assert_close(got, want, rtol=0, atol=2.0**-8 * want.abs().max().item())
+    h, w = p.teacher_kwargs().get("teacher_hidden", p.hidden), p.teacher_kwargs().get("teacher_weight", p.weight)
+    for tf32 in (True, False):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+        res, gemms = _gemm_calls(lambda: kdfast.teacher_topk(h, w, None, k=5))
+        assert (gemms == 0) == tf32, f"teacher_topk, allow_tf32={tf32}: {gemms} GEMMs"
+
+
+@pytest.mark.parametrize("case", ["peaked_hard_filtered", "linear_one_minus_prob", "topk_combined", "tf32_linear"])
 def test_fused_kernels_do_not_depend_on_the_threads_order(case, monkeypatch):
     """The fused kernels under four orders of the emulated threads (seeds) give bit-identical
     results: no result depends on a race between sync points (a missing __syncthreads or
@@ -210,6 +263,10 @@ def test_fused_kernels_do_not_depend_on_the_threads_order(case, monkeypatch):
     if case == "peaked_hard_filtered":
         p = _peaked_problem(torch.bfloat16, "cpu")
         kwargs, extra = {"reduction": "none"}, {"exact": False, "filter_eps": 1e-3, "tile_size": 64}
+    elif case == "tf32_linear":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+        p = _problem(70, 24, 300, seed=43, form="linear", target_kind="multi", dtype=torch.float32, d_t=40)
+        kwargs, extra = dict(TERMS["combined_one_minus_prob"], reduction="none"), {"exact": True}
     else:
         form, term = case.split("_", 1)
         p = _problem(70, 24, 300, seed=43, form=form, target_kind="multi", dtype=torch.bfloat16, d_t=40, k=7)

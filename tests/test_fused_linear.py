@@ -933,6 +933,26 @@ def test_half_precision_within_twice_low_precision_reference_error(form, term, r
         )
 
 
+@pytest.mark.parametrize("term", ["hard_smoothed", "combined", "combined_one_minus_prob"])
+@pytest.mark.parametrize("form", FORMS)
+def test_float32_with_tf32_allowed_within_tf32_error(form, term, fdevice, monkeypatch):
+    """float32 inputs with torch.backends.cuda.matmul.allow_tf32 on: CUDA's fused kernels then
+    multiply in tf32 (10-bit mantissas), the CPU keeps float32. Loss and gradients within 2^-8 of
+    their largest float64 value (tf32 rounds each product's inputs by up to 2^-11; measured
+    2e-4 to 1e-3 of it under the emulation)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    p = _problem(70, 24, 300, seed=45, form=form, target_kind="multi", dtype=torch.float32, d_t=40, k=7,
+                 device=fdevice)
+    kwargs = dict(TERMS[term], reduction="none")
+    g = _grad_out(p, "none")
+    loss, grads = _run_fused(p, kwargs, g, exact=True)
+    assert loss.dtype == torch.float32 and all(x.dtype == torch.float32 for x in grads)
+    exact_loss, exact_grads = _run_dense(reference.distillation_loss, p, kwargs, g, torch.float64)
+    for what, got, want in zip(("loss",) + GRAD_NAMES, (loss,) + grads, (exact_loss,) + exact_grads):
+        err = (got.double() - want).abs().max().item()
+        assert err <= 2.0**-8 * want.abs().max().item(), f"{what}: error {err:.3g} of {want.abs().max().item():.3g}"
+
+
 @pytest.mark.parametrize("target_kind", TARGET_KINDS)
 @pytest.mark.parametrize("form", FORMS)
 def test_cpu_bf16_gemm_matches_float32_gemm(form, target_kind, monkeypatch):

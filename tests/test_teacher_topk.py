@@ -424,6 +424,26 @@ def test_half_precision_inputs(dtype, bias, tdevice, cpu_bf16_gemm):
         assert frac >= 0.9
 
 
+def test_float32_with_tf32_allowed(tdevice, monkeypatch):
+    """float32 with torch.backends.cuda.matmul.allow_tf32 on (CUDA's fused kernel then multiplies
+    in tf32): the classes chosen carry the k largest float64 logits rank by rank and their
+    logits, lse and entropy are within tf32's error (inputs rounded by up to 2^-11: 2^-9 of
+    sum |h w|); covered within as much."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    h, w, b = _random(40, 100, 1500, dtype=torch.float32, seed=16, scale=4.0, device=tdevice)
+    res = _run(h, w, b, 24, 1.5)
+    _check_shapes(res, 40, 24, torch.float32)
+    logits, _, values, lse, entropy, covered = _oracle(h, w, b, 24, 1.5)
+    tol = 2.0**-9 * F.linear(h.double().abs(), w.double().abs(), b.double().abs()).max().item()
+    assert all(len(set(row)) == 24 for row in res.indices.tolist())
+    picked = logits.gather(-1, res.indices)
+    assert_close(picked, values, rtol=0, atol=tol)
+    assert_close(res.logits.double(), picked, rtol=0, atol=tol)
+    assert_close(res.lse.double(), lse, rtol=0, atol=tol)
+    assert_close(res.entropy.double(), entropy, rtol=0, atol=tol)
+    assert_close(res.covered.double(), covered, rtol=0, atol=tol)
+
+
 # ----------------------------------------------------------------------------- layout
 
 

@@ -38,24 +38,31 @@ namespace wmma = nvcuda::wmma;
 
 constexpr int kThreads = 256;  // 8 warps
 constexpr int kWarps = kThreads / 32;
-constexpr int kRows = kFusedRows, kClasses = kFusedClasses, kChunk = kFusedTeacherChunk;
-constexpr int kLdF = kClasses + 4;    // float tiles' row stride (a multiple of 4, rows 32-byte aligned)
-constexpr int kLdG = kClasses + 8;    // the bf16 gradient tile's (a multiple of 8)
-constexpr int kLdChunk = kChunk + 8;  // the teacher's staging tiles'
+constexpr int kRows = kFusedRows, kClasses = kFusedClasses;
+constexpr int kLdF = kClasses + 4;  // float tiles' row stride (a multiple of 4, rows 32-byte aligned)
 
 __host__ __device__ constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 
-// Where each array sits in the block's dynamic shared memory (byte offsets).
+// Where each array sits in the block's dynamic shared memory (byte offsets), and
+// the input-dtype tiles' row strides (each row padded by 16 bytes: multiples of
+// 16 bytes, as WMMA asks, and fewer bank conflicts).
 struct Layout {
-  int d_pad = 0, ld = 0;  // d rounded up to 16; the row stride of the X and W tiles (d_pad + 8)
+  int d_pad = 0, ld = 0;  // d rounded up to 16; the row stride of the X and W tiles
+  int chunk = 0, ld_chunk = 0;  // a linear teacher's d_t staged this many at a time; its tiles' stride
+  int ld_grad = 0;              // the gradient tile's stride (backward)
   int64_t w = -1, x = -1, f = -1, s = -1, stage = -1, grad = -1, keep = -1, bias_grad = -1, total = 0;  // -1: none
 };
 
-// d: the student's (0 for the teacher's log-partition pass, which has no student).
-__host__ __device__ Layout make_layout(int64_t d, FusedTeacher teacher, bool backward) {
+// d: the student's (0 for the teacher-only passes); elem: the input dtype's bytes
+// (float inputs stage the teacher in chunks of half as many, to fit).
+__host__ __device__ Layout make_layout(int64_t d, FusedTeacher teacher, bool backward, int elem) {
   Layout l;
+  const int pad = 16 / elem;
   l.d_pad = static_cast<int>((d + 15) / 16 * 16);
-  l.ld = l.d_pad + 8;
+  l.ld = l.d_pad + pad;
+  l.chunk = elem == 2 ? kFusedTeacherChunk : kFusedTeacherChunk / 2;
+  l.ld_chunk = l.chunk + pad;
+  l.ld_grad = kClasses + pad;
   int64_t at = 0;
   auto take = [&](int64_t bytes) {
     const int64_t where = at;
@@ -63,14 +70,15 @@ __host__ __device__ Layout make_layout(int64_t d, FusedTeacher teacher, bool bac
     return where;
   };
   if (d > 0) {  // (d = 0: the teacher's log-partition alone)
-    l.w = take(int64_t(kClasses) * l.ld * 2);
-    l.x = take(int64_t(kRows) * l.ld * 2);
+    l.w = take(int64_t(kClasses) * l.ld * elem);
+    l.x = take(int64_t(kRows) * l.ld * elem);
     l.f = take(int64_t(kRows) * kLdF * 4);
   }
   if (teacher != FusedTeacher::None) l.s = take(int64_t(kRows) * kLdF * 4);
   // the teacher's staging (used before f is made) and the gradient tile (after) share their place
-  int64_t stage_bytes = teacher == FusedTeacher::Linear ? int64_t(kRows + kClasses) * kLdChunk * 2 : 0;
-  if (backward) stage_bytes = stage_bytes > int64_t(kRows) * kLdG * 2 ? stage_bytes : int64_t(kRows) * kLdG * 2;
+  int64_t stage_bytes = teacher == FusedTeacher::Linear ? int64_t(kRows + kClasses) * l.ld_chunk * elem : 0;
+  const int64_t grad_bytes = int64_t(kRows) * l.ld_grad * elem;
+  if (backward) stage_bytes = stage_bytes > grad_bytes ? stage_bytes : grad_bytes;
   if (stage_bytes > 0) l.stage = l.grad = take(stage_bytes);
   if (backward) {
     l.keep = take(kClasses * 4);
@@ -88,26 +96,30 @@ template <>
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <>
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float(float x) { return x; }
 template <typename in_t>
 __device__ __forceinline__ in_t from_float(float x);
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
 template <>
 __device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
+template <>
+__device__ __forceinline__ float from_float(float x) { return x; }
 
 // dst[r * ld + c] <- src[r * ld_src + c] for r < rows, c < cols, zero for the
 // rest of [kRowsOut, cols_pad]: the block's threads share the copy, 16 bytes at
-// a time where the source rows allow it (cols_pad and ld multiples of 8, dst
-// 16-byte aligned: the layout's).
+// a time where the source rows allow it (cols_pad and ld whole 16 bytes of
+// elements, dst 16-byte aligned: the layout's).
 template <typename in_t, int kRowsOut>
 __device__ void load_rows(in_t* dst, int ld, const in_t* src, int64_t ld_src, int64_t rows, int64_t cols,
                           int cols_pad) {
-  static_assert(sizeof(in_t) == 2, "16-bit inputs");
-  if (cols % 8 == 0 && ld_src % 8 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
-    const int per_row = cols_pad / 8;
+  constexpr int kVec = 16 / sizeof(in_t);  // elements in 16 bytes
+  if (cols % kVec == 0 && ld_src % kVec == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    const int per_row = cols_pad / kVec;
     for (int e = threadIdx.x; e < kRowsOut * per_row; e += kThreads) {
-      const int r = e / per_row, c = e % per_row * 8;
-      uint4 v = make_uint4(0, 0, 0, 0);  // zero bits: 0.0 in bf16 and fp16
+      const int r = e / per_row, c = e % per_row * kVec;
+      uint4 v = make_uint4(0, 0, 0, 0);  // zero bits: 0.0 in bf16, fp16 and float
       if (r < rows && c < cols) v = *reinterpret_cast<const uint4*>(src + r * ld_src + c);
       *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
     }
@@ -120,11 +132,38 @@ __device__ void load_rows(in_t* dst, int ld, const in_t* src, int64_t ld_src, in
   }
 }
 
-using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+// The WMMA shape for an input dtype: 16 x 16 x 16 for bf16 / fp16, 16 x 16 x 8
+// in tf32 for float (float inputs run here only where torch allows TF32: cuda_ops.cpp).
+template <typename in_t>
+struct Mma {
+  static constexpr int kK = 16;
+  using Element = in_t;
+};
+template <>
+struct Mma<float> {
+  static constexpr int kK = 8;
+  using Element = wmma::precision::tf32;
+};
+template <typename in_t>
+using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, Mma<in_t>::kK, float>;
+template <typename in_t, typename Layout>
+using InputA = wmma::fragment<wmma::matrix_a, 16, 16, Mma<in_t>::kK, typename Mma<in_t>::Element, Layout>;
+template <typename in_t, typename Layout>
+using InputB = wmma::fragment<wmma::matrix_b, 16, 16, Mma<in_t>::kK, typename Mma<in_t>::Element, Layout>;
+
+// An input fragment loaded for mma_sync (float: its elements rounded to tf32).
+template <typename in_t, typename Fragment>
+__device__ void load_input(Fragment& frag, const in_t* p, int ld) {
+  wmma::load_matrix_sync(frag, p, ld);
+  if constexpr (std::is_same_v<in_t, float>) {
+    for (int e = 0; e < frag.num_elements; ++e) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
+  }
+}
 
 // A warp's 32 x 32 corner of a [kRows, kClasses] logit tile.
+template <typename in_t>
 struct LogitCorner {
-  Accumulator c[2][2];
+  Accumulator<in_t> c[2][2];
   __device__ void zero() {
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(c[i][j], 0.0f);
@@ -134,21 +173,22 @@ __device__ __forceinline__ int corner_row() { return (threadIdx.x / 32) / 4 * 32
 __device__ __forceinline__ int corner_col() { return (threadIdx.x / 32) % 4 * 32; }
 
 // acc += x[corner rows, :k] w[corner classes, :k]^T; x and w row-major with
-// row stride ld, k a multiple of 16.
+// row stride ld, k a multiple of 16 (of 8 for float).
 template <typename in_t>
-__device__ void mma_logits(LogitCorner& acc, const in_t* x, int ld_x, const in_t* w, int ld_w, int k) {
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, in_t, wmma::row_major> a[2];
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, in_t, wmma::col_major> b[2];
+__device__ void mma_logits(LogitCorner<in_t>& acc, const in_t* x, int ld_x, const in_t* w, int ld_w, int k) {
+  InputA<in_t, wmma::row_major> a[2];
+  InputB<in_t, wmma::col_major> b[2];
   const int r0 = corner_row(), c0 = corner_col();
-  for (int k0 = 0; k0 < k; k0 += 16) {
-    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], x + (r0 + 16 * i) * ld_x + k0, ld_x);
-    for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], w + (c0 + 16 * j) * ld_w + k0, ld_w);
+  for (int k0 = 0; k0 < k; k0 += Mma<in_t>::kK) {
+    for (int i = 0; i < 2; ++i) load_input<in_t>(a[i], x + (r0 + 16 * i) * ld_x + k0, ld_x);
+    for (int j = 0; j < 2; ++j) load_input<in_t>(b[j], w + (c0 + 16 * j) * ld_w + k0, ld_w);
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 2; ++j) wmma::mma_sync(acc.c[i][j], a[i], b[j], acc.c[i][j]);
   }
 }
 
-__device__ void store_logits(const LogitCorner& acc, float* out) {
+template <typename in_t>
+__device__ void store_logits(const LogitCorner<in_t>& acc, float* out) {
   const int r0 = corner_row(), c0 = corner_col();
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j)
@@ -162,9 +202,9 @@ struct Tiles {
   in_t* x;     // [kRows, ld] the student's hidden rows of the tile's rows
   float* f;    // [kRows, kLdF] logits, then (backward) dL/df
   float* s;    // [kRows, kLdF] the teacher's logits, or null
-  in_t* stage_x;  // [kRows, kLdChunk], [kClasses, kLdChunk]: a linear teacher's chunks
+  in_t* stage_x;  // [kRows, ld_chunk], [kClasses, ld_chunk]: a linear teacher's chunks
   in_t* stage_w;
-  in_t* grad;  // [kRows, kLdG] dL/df in the input dtype (backward)
+  in_t* grad;  // [kRows, ld_grad] dL/df in the input dtype (backward)
   int* keep;   // [kClasses] filter flags of the tile's class groups (backward)
   float* bias_grad;  // [kClasses] (backward)
 };
@@ -178,7 +218,7 @@ __device__ Tiles<in_t> tiles(unsigned char* smem, const Layout& l) {
   t.f = reinterpret_cast<float*>(at(l.f));
   t.s = reinterpret_cast<float*>(at(l.s));
   t.stage_x = reinterpret_cast<in_t*>(at(l.stage));
-  t.stage_w = t.stage_x ? t.stage_x + kRows * kLdChunk : nullptr;
+  t.stage_w = t.stage_x ? t.stage_x + kRows * l.ld_chunk : nullptr;
   t.grad = reinterpret_cast<in_t*>(at(l.grad));
   t.keep = reinterpret_cast<int*>(at(l.keep));
   t.bias_grad = reinterpret_cast<float*>(at(l.bias_grad));
@@ -198,23 +238,24 @@ __device__ void make_logits(const FusedLinearArgs& a, const Layout& l, const Til
     load_rows<in_t, kRows>(t.x, l.ld, static_cast<const in_t*>(a.hidden) + r0 * a.d, a.d, rows, a.d, l.d_pad);
   }
   if (a.teacher == FusedTeacher::Linear) {
-    LogitCorner acc;
+    LogitCorner<in_t> acc;
     acc.zero();
-    for (int64_t k0 = 0; k0 < a.d_t; k0 += kChunk) {
-      const int64_t kn = min(int64_t(kChunk), a.d_t - k0);
+    for (int64_t k0 = 0; k0 < a.d_t; k0 += l.chunk) {
+      const int64_t kn = min(int64_t(l.chunk), a.d_t - k0);
       __syncthreads();  // the previous chunk is consumed
-      load_rows<in_t, kRows>(t.stage_x, kLdChunk, static_cast<const in_t*>(a.teacher_hidden) + r0 * a.d_t + k0,
-                             a.d_t, rows, kn, kChunk);
-      load_rows<in_t, kClasses>(t.stage_w, kLdChunk, static_cast<const in_t*>(a.teacher_weight) + c0 * a.d_t + k0,
-                                a.d_t, classes, kn, kChunk);
+      load_rows<in_t, kRows>(t.stage_x, l.ld_chunk, static_cast<const in_t*>(a.teacher_hidden) + r0 * a.d_t + k0,
+                             a.d_t, rows, kn, l.chunk);
+      load_rows<in_t, kClasses>(t.stage_w, l.ld_chunk,
+                                static_cast<const in_t*>(a.teacher_weight) + c0 * a.d_t + k0, a.d_t, classes, kn,
+                                l.chunk);
       __syncthreads();
-      mma_logits(acc, t.stage_x, kLdChunk, t.stage_w, kLdChunk, kChunk);
+      mma_logits(acc, t.stage_x, l.ld_chunk, t.stage_w, l.ld_chunk, l.chunk);
     }
     store_logits(acc, t.s);
   }
   __syncthreads();  // x is loaded
   if (student) {
-    LogitCorner acc;
+    LogitCorner<in_t> acc;
     acc.zero();
     mma_logits(acc, t.x, l.ld, t.w, l.ld, l.d_pad);
     store_logits(acc, t.f);
@@ -268,7 +309,7 @@ __global__ void __launch_bounds__(kThreads) fused_forward_kernel(LossTerms p, Ta
   extern __shared__ __align__(128) unsigned char fused_smem[];
   constexpr bool kStudent = kPass == Pass::Loss;
   constexpr int kWidth = kPass == Pass::TeacherLse ? 2 : kNumRowState;
-  const Layout l = make_layout(kStudent ? a.d : 0, a.teacher, false);
+  const Layout l = make_layout(kStudent ? a.d : 0, a.teacher, false, sizeof(in_t));
   const Tiles<in_t> t = tiles<in_t>(fused_smem, l);
   const int64_t num_tiles = (a.V + kClasses - 1) / kClasses;
   const int64_t row_begin = int64_t(blockIdx.y) * rows_per_group, row_end = min(a.B, row_begin + rows_per_group);
@@ -364,7 +405,7 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
   extern __shared__ __align__(128) unsigned char fused_smem[];
   constexpr bool kScaled = std::is_same_v<in_t, __half>;  // fp16's gradient tile is scaled
   __shared__ int tile_largest;  // (fp16) the bits of the row block's largest |G| entry
-  const Layout l = make_layout(a.d, a.teacher, true);
+  const Layout l = make_layout(a.d, a.teacher, true, sizeof(in_t));
   const Tiles<in_t> t = tiles<in_t>(fused_smem, l);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t c0 = int64_t(blockIdx.x) * kClasses, n = min(int64_t(kClasses), a.V - c0);
@@ -372,7 +413,7 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
   const bool filtering = filter_eps > 0;
   // the filter flag of the tile's class j: its class group's, counted from the tile's first
   auto group_of = [&](int64_t j) { return (c0 + j) / filter_group - c0 / filter_group; };
-  Accumulator dw[kDimFrags];
+  Accumulator<in_t> dw[kDimFrags];
   for (int q = 0; q < kDimFrags; ++q) wmma::fill_fragment(dw[q], 0.0f);
   for (int j = threadIdx.x; j < kClasses; j += kThreads) t.bias_grad[j] = 0.0f;
   load_weight_tile(a, l, t, c0);
@@ -419,7 +460,7 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
       if constexpr (kScaled) {
         largest = fmaxf(largest, fabsf(g));  // (a NaN is dropped here; it still reaches G below)
       } else {
-        t.grad[r * kLdG + j] = from_float<in_t>(g);
+        t.grad[r * l.ld_grad + j] = from_float<in_t>(g);
       }
     }
     // fp16: G scaled by the power of two that puts the tile's largest entry in [2^14, 2^15), so
@@ -436,7 +477,7 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
       }
       for (int e = threadIdx.x; e < kRows * kClasses; e += kThreads) {
         const int r = e / kClasses, j = e % kClasses;
-        t.grad[r * kLdG + j] = from_float<in_t>(t.f[r * kLdF + j] * scale);
+        t.grad[r * l.ld_grad + j] = from_float<in_t>(t.f[r * kLdF + j] * scale);
       }
     }
     __syncthreads();
@@ -451,13 +492,13 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
     // dX[rows, :d] = G W: warp w takes fragments w, w + 8, ... of the [kRows, d_pad] result
     for (int q = warp; q < (kRows / 16) * dim_frags; q += kWarps) {
       const int fr = q / dim_frags, fc = q % dim_frags;
-      Accumulator acc;
+      Accumulator<in_t> acc;
       wmma::fill_fragment(acc, 0.0f);
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, in_t, wmma::row_major> ga;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, in_t, wmma::row_major> wb;
-      for (int k0 = 0; k0 < kClasses; k0 += 16) {
-        wmma::load_matrix_sync(ga, t.grad + fr * 16 * kLdG + k0, kLdG);
-        wmma::load_matrix_sync(wb, t.w + k0 * l.ld + fc * 16, l.ld);
+      InputA<in_t, wmma::row_major> ga;
+      InputB<in_t, wmma::row_major> wb;
+      for (int k0 = 0; k0 < kClasses; k0 += Mma<in_t>::kK) {
+        load_input<in_t>(ga, t.grad + fr * 16 * l.ld_grad + k0, l.ld_grad);
+        load_input<in_t>(wb, t.w + k0 * l.ld + fc * 16, l.ld);
         wmma::mma_sync(acc, ga, wb, acc);
       }
       wmma::store_matrix_sync(t.f + fr * 16 * kLdF + fc * 16, acc, kLdF, wmma::mem_row_major);
@@ -469,33 +510,33 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
     }
     // dW[warp's 16 classes, :d_pad] += G^T X (G^T: the gradient tile read column-major); fp16:
     // each fragment's product made apart, then unscaled into its sum
-    using GradT = wmma::fragment<wmma::matrix_a, 16, 16, 16, in_t, wmma::col_major>;
-    using HiddenB = wmma::fragment<wmma::matrix_b, 16, 16, 16, in_t, wmma::row_major>;
+    using GradT = InputA<in_t, wmma::col_major>;
+    using HiddenB = InputB<in_t, wmma::row_major>;
     if constexpr (kScaled) {
 #pragma unroll
       for (int q = 0; q < kDimFrags; ++q) {
         if (q < dim_frags) {
-          Accumulator part;
+          Accumulator<in_t> part;
           wmma::fill_fragment(part, 0.0f);
-          for (int k0 = 0; k0 < kRows; k0 += 16) {
+          for (int k0 = 0; k0 < kRows; k0 += Mma<in_t>::kK) {
             GradT gt;
             HiddenB xb;
-            wmma::load_matrix_sync(gt, t.grad + k0 * kLdG + warp * 16, kLdG);
-            wmma::load_matrix_sync(xb, t.x + k0 * l.ld + q * 16, l.ld);
+            load_input<in_t>(gt, t.grad + k0 * l.ld_grad + warp * 16, l.ld_grad);
+            load_input<in_t>(xb, t.x + k0 * l.ld + q * 16, l.ld);
             wmma::mma_sync(part, gt, xb, part);
           }
           for (int e = 0; e < part.num_elements; ++e) dw[q].x[e] += part.x[e] * unscale;
         }
       }
     } else {
-      for (int k0 = 0; k0 < kRows; k0 += 16) {
+      for (int k0 = 0; k0 < kRows; k0 += Mma<in_t>::kK) {
         GradT gt;
-        wmma::load_matrix_sync(gt, t.grad + k0 * kLdG + warp * 16, kLdG);
+        load_input<in_t>(gt, t.grad + k0 * l.ld_grad + warp * 16, l.ld_grad);
 #pragma unroll
         for (int q = 0; q < kDimFrags; ++q) {
           if (q < dim_frags) {
             HiddenB xb;
-            wmma::load_matrix_sync(xb, t.x + k0 * l.ld + q * 16, l.ld);
+            load_input<in_t>(xb, t.x + k0 * l.ld + q * 16, l.ld);
             wmma::mma_sync(dw[q], gt, xb, dw[q]);
           }
         }
@@ -541,7 +582,7 @@ dim3 forward_grid(int64_t B, int64_t splits, int64_t& rows_per_group) {
 template <typename in_t, Pass kPass>
 void launch_forward(const LossTerms& p, const Targets& targets, const FusedLinearArgs& a, int64_t splits,
                     float* partial, const FusedTopkPartial& topk, cudaStream_t stream) {
-  const Layout l = make_layout(kPass == Pass::Loss ? a.d : 0, a.teacher, false);
+  const Layout l = make_layout(kPass == Pass::Loss ? a.d : 0, a.teacher, false, sizeof(in_t));
   int64_t rows_per_group = 0;
   const dim3 grid = forward_grid(a.B, splits, rows_per_group);
   allow_shared(fused_forward_kernel<in_t, kPass>, l.total);
@@ -552,10 +593,13 @@ void launch_forward(const LossTerms& p, const Targets& targets, const FusedLinea
 template <Pass kPass>
 void launch_forward(const LossTerms& p, const Targets& targets, const FusedLinearArgs& a, int64_t splits,
                     float* partial, const FusedTopkPartial& topk, cudaStream_t stream) {
-  if (a.input == FusedInput::BFloat16) {
-    launch_forward<__nv_bfloat16, kPass>(p, targets, a, splits, partial, topk, stream);
-  } else {
-    launch_forward<__half, kPass>(p, targets, a, splits, partial, topk, stream);
+  switch (a.input) {
+    case FusedInput::BFloat16:
+      return launch_forward<__nv_bfloat16, kPass>(p, targets, a, splits, partial, topk, stream);
+    case FusedInput::Float16:
+      return launch_forward<__half, kPass>(p, targets, a, splits, partial, topk, stream);
+    case FusedInput::Float32:
+      return launch_forward<float, kPass>(p, targets, a, splits, partial, topk, stream);
   }
 }
 
@@ -566,13 +610,26 @@ int64_t choose_splits(int64_t num_tiles, int64_t by_memory, int64_t max_splits) 
   return std::max<int64_t>(1, std::min<int64_t>({num_tiles, by_memory, cap}));
 }
 
+template <typename in_t>
+void launch_backward(const LossTerms& terms, const Targets& targets, const FusedLinearArgs& a, const Layout& l,
+                     const float* stats, const float* grad_losses, float filter_eps, int64_t filter_group,
+                     float* grad_hidden, void* grad_weight, float* grad_bias, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((a.V + kClasses - 1) / kClasses);
+  allow_shared(fused_backward_kernel<in_t>, l.total);
+  fused_backward_kernel<in_t><<<blocks, kThreads, l.total, stream>>>(terms, targets, a, stats, grad_losses,
+                                                                     filter_eps, filter_group, grad_hidden,
+                                                                     static_cast<in_t*>(grad_weight), grad_bias);
+}
+
+int element_bytes(FusedInput input) { return input == FusedInput::Float32 ? 4 : 2; }
+
 unsigned row_threads_blocks(int64_t B) { return static_cast<unsigned>((B + 255) / 256); }
 
 }  // namespace
 
 bool fused_linear_supported(const FusedLinearArgs& args, bool backward) {
   if (args.d < 1 || args.d > kFusedMaxDim) return false;
-  return make_layout(args.d, args.teacher, backward).total <= 160 * 1024;
+  return make_layout(args.d, args.teacher, backward, element_bytes(args.input)).total <= 160 * 1024;
 }
 
 int64_t fused_forward_splits(int64_t B, int64_t V, int64_t max_splits) {
@@ -597,7 +654,7 @@ void fused_teacher_lse(const FusedLinearArgs& args, int64_t splits, float* parti
 
 bool fused_topk_supported(const FusedLinearArgs& args, int64_t k) {
   return args.teacher == FusedTeacher::Linear && args.d_t >= 1 && k >= 1 && k <= kMaxTopK &&
-         make_layout(0, args.teacher, false).total <= 160 * 1024;
+         make_layout(0, args.teacher, false, element_bytes(args.input)).total <= 160 * 1024;
 }
 
 int64_t fused_topk_splits(int64_t B, int64_t V, int64_t k, int64_t max_splits) {
@@ -623,20 +680,19 @@ void fused_linear_backward(const LossTerms& terms, const Targets& targets, const
                            const float* stats, const float* grad_losses, double filter_eps, int64_t filter_group,
                            float* grad_hidden, void* grad_weight, float* grad_bias, cudaStream_t stream) {
   if (args.B <= 0 || args.V <= 0) return;
-  const Layout l = make_layout(args.d, args.teacher, true);
-  const unsigned blocks = static_cast<unsigned>((args.V + kClasses - 1) / kClasses);
+  const Layout l = make_layout(args.d, args.teacher, true, element_bytes(args.input));
   const float eps = static_cast<float>(filter_eps);
   const int64_t group = std::max<int64_t>(filter_group, 1);
-  if (args.input == FusedInput::BFloat16) {
-    allow_shared(fused_backward_kernel<__nv_bfloat16>, l.total);
-    fused_backward_kernel<__nv_bfloat16><<<blocks, kThreads, l.total, stream>>>(
-        terms, targets, args, stats, grad_losses, eps, group, grad_hidden, static_cast<__nv_bfloat16*>(grad_weight),
-        grad_bias);
-  } else {
-    allow_shared(fused_backward_kernel<__half>, l.total);
-    fused_backward_kernel<__half><<<blocks, kThreads, l.total, stream>>>(
-        terms, targets, args, stats, grad_losses, eps, group, grad_hidden, static_cast<__half*>(grad_weight),
-        grad_bias);
+  switch (args.input) {
+    case FusedInput::BFloat16:
+      return launch_backward<__nv_bfloat16>(terms, targets, args, l, stats, grad_losses, eps, group, grad_hidden,
+                                            grad_weight, grad_bias, stream);
+    case FusedInput::Float16:
+      return launch_backward<__half>(terms, targets, args, l, stats, grad_losses, eps, group, grad_hidden,
+                                     grad_weight, grad_bias, stream);
+    case FusedInput::Float32:
+      return launch_backward<float>(terms, targets, args, l, stats, grad_losses, eps, group, grad_hidden,
+                                    grad_weight, grad_bias, stream);
   }
 }
 

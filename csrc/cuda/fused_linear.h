@@ -31,9 +31,11 @@ namespace kdfast::cuda {
 constexpr int kFusedRows = 64;      // rows of a logit tile
 constexpr int kFusedClasses = 128;  // classes of a logit tile
 constexpr int kFusedMaxDim = 128;   // the student's d the fused kernels take
-constexpr int kFusedTeacherChunk = 64;  // a linear teacher's d_t, staged in chunks of this many
+constexpr int kFusedTeacherChunk = 64;  // a linear teacher's d_t, staged in chunks of this many (float: half)
 
-enum class FusedInput { BFloat16, Float16 };  // the dtype of hidden, weight (and teacher)
+// The dtype of hidden, weight (and teacher): float runs its products in tf32
+// (cuda_ops.cpp takes this path for float only where torch allows TF32).
+enum class FusedInput { BFloat16, Float16, Float32 };
 enum class FusedTeacher { None, Dense, Linear, TopK };
 
 struct FusedLinearArgs {

@@ -3,7 +3,8 @@
 // exchanges by index and ballots, a
 // barrier some threads skip, a race between two sync points, and a warp's
 // 16 x 16 x 16 tensor-core product in dynamic shared memory (with and without
-// the __syncwarp between the store and a read of other lanes' elements).
+// the __syncwarp between the store and a read of other lanes' elements), and a
+// 16 x 16 x 8 tf32 one.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -87,7 +88,35 @@ __global__ void wmma_product_kernel(const __nv_bfloat16* a, const __nv_bfloat16*
   for (int e = threadIdx.x; e < 256; e += 32) c[e] = sc[e];
 }
 
+// One warp: c = a b in tf32 (a 16 x 8, b 8 x 16, float row-major in global memory),
+// the fragments' elements rounded with __float_to_tf32 as the kernels do.
+__global__ void tf32_product_kernel(const float* a, const float* b, float* c) {
+  namespace wmma = nvcuda::wmma;
+  __align__(32) __shared__ float sa[128], sb[128], sc[256];
+  for (int e = threadIdx.x; e < 128; e += 32) {
+    sa[e] = a[e];
+    sb[e] = b[e];
+  }
+  __syncwarp();
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> fc;
+  wmma::fill_fragment(fc, 0.0f);
+  wmma::load_matrix_sync(fa, sa, 8);
+  wmma::load_matrix_sync(fb, sb, 16);
+  for (int e = 0; e < fa.num_elements; ++e) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
+  for (int e = 0; e < fb.num_elements; ++e) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
+  wmma::mma_sync(fc, fa, fb, fc);
+  wmma::store_matrix_sync(sc, fc, 16, wmma::mem_row_major);
+  __syncwarp();
+  for (int e = threadIdx.x; e < 256; e += 32) c[e] = sc[e];
+}
+
 }  // namespace
+
+void tf32_product(const float* a, const float* b, float* c, cudaStream_t stream) {
+  tf32_product_kernel<<<1, 32, 0, stream>>>(a, b, c);
+}
 
 // shared_bytes of dynamic shared memory (at least 2 KiB), after opting in to opt_in_bytes (0: no opt-in).
 void wmma_product(const void* a, const void* b, float* c, float* sum, bool sync, int shared_bytes, int opt_in_bytes,

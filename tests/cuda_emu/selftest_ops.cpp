@@ -11,6 +11,7 @@ void lane_exchange(const float* x, float* rotated, unsigned* ballot, int shift, 
                    cudaStream_t stream);
 void divergent_barrier(int* out, int threads, cudaStream_t stream);
 void racy_write(int* out, int threads, cudaStream_t stream);
+void tf32_product(const float* a, const float* b, float* c, cudaStream_t stream);
 void wmma_product(const void* a, const void* b, float* c, float* sum, bool sync, int shared_bytes, int opt_in_bytes,
                   cudaStream_t stream);
 
@@ -57,6 +58,15 @@ std::tuple<at::Tensor, at::Tensor> wmma_product_op(const at::Tensor& a, const at
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {c, sum};
 }
+at::Tensor tf32_product_op(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.numel() == 128 &&
+              b.numel() == 128, "a: 16 x 8, b: 8 x 16, float");
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  at::Tensor c = at::empty({16, 16}, at::kFloat);
+  tf32_product(ac.data_ptr<float>(), bc.data_ptr<float>(), c.data_ptr<float>(), nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return c;
+}
 }  // namespace
 }  // namespace cuda_emu_selftest
 
@@ -65,6 +75,7 @@ TORCH_LIBRARY(cuda_emu_selftest, m) {
   m.def("lane_exchange(Tensor x, int shift, int threads) -> (Tensor, Tensor)", &cuda_emu_selftest::lane_exchange_op);
   m.def("divergent_barrier(int threads) -> Tensor", &cuda_emu_selftest::divergent_barrier_op);
   m.def("racy_write(int threads) -> int", &cuda_emu_selftest::racy_write_op);
+  m.def("tf32_product(Tensor a, Tensor b) -> Tensor", &cuda_emu_selftest::tf32_product_op);
   m.def("wmma_product(Tensor a, Tensor b, bool sync, int shared_bytes, int opt_in_bytes) -> (Tensor, Tensor)",
         &cuda_emu_selftest::wmma_product_op);
 }
