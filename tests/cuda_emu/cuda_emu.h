@@ -91,26 +91,29 @@ inline void __syncthreads() { cuda_emu::sync_block(0); }
 inline int __syncthreads_or(int pred) { return cuda_emu::sync_block(pred); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { cuda_emu::sync_warp(mask); }
 
-template <typename T>
-T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
+namespace cuda_emu {
+// value's bytes through one of the warp exchanges above (the shuffles move up to 8 bytes).
+template <typename T, typename Exchange>
+T shuffle_bytes(T value, const Exchange& exchange) {
   static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "shuffle of a value over 8 bytes");
   uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(T));
-  bits = cuda_emu::warp_exchange(mask, bits, lane_mask);
+  bits = exchange(bits);
   T out;
   std::memcpy(&out, &bits, sizeof(T));
   return out;
 }
+}  // namespace cuda_emu
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
+  return cuda_emu::shuffle_bytes(value, [&](uint64_t bits) { return cuda_emu::warp_exchange(mask, bits, lane_mask); });
+}
 
 template <typename T>
 T __shfl_sync(unsigned mask, T value, int src_lane) {
-  static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "shuffle of a value over 8 bytes");
-  uint64_t bits = 0;
-  std::memcpy(&bits, &value, sizeof(T));
-  bits = cuda_emu::warp_exchange_from(mask, bits, src_lane);
-  T out;
-  std::memcpy(&out, &bits, sizeof(T));
-  return out;
+  return cuda_emu::shuffle_bytes(value,
+                                 [&](uint64_t bits) { return cuda_emu::warp_exchange_from(mask, bits, src_lane); });
 }
 
 inline unsigned __ballot_sync(unsigned mask, int pred) { return cuda_emu::warp_ballot(mask, pred != 0); }
