@@ -33,9 +33,11 @@ run: $(STAMP)
 	$(PY) experiments/amazon670k.py
 
 # tests/, then the benchmarks' own tests (arguments, arithmetic, tiny CPU runs; the timed cases
-# run once, untimed: --benchmark-disable)
+# run once, untimed: --benchmark-disable) in a process of their own: their `common` module
+# would meet experiments/common.py, which tests/ imports
 test: $(STAMP) cuda-check
-	$(PY) -m pytest tests benchmarks -q --benchmark-disable
+	$(PY) -m pytest tests -q
+	$(PY) -m pytest benchmarks -q --benchmark-disable
 	$(MAKE) --no-print-directory test-cuda-emu
 
 # The tests of kdfast's CUDA ops again, with the CPU kernels of those ops replaced by the CUDA
