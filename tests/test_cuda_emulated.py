@@ -246,10 +246,14 @@ def test_float32_takes_the_fused_kernels_only_with_tf32_allowed(form, term, monk
     for got, want in zip((loss,) + grads, (loss_x,) + grads_x):
         torch.testing.assert_close(got, want, rtol=0, atol=2.0**-8 * want.abs().max().item())
     h, w = p.teacher_kwargs().get("teacher_hidden", p.hidden), p.teacher_kwargs().get("teacher_weight", p.weight)
+    labels = []
     for tf32 in (True, False):
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
         res, gemms = _gemm_calls(lambda: kdfast.teacher_topk(h, w, None, k=5))
         assert (gemms == 0) == tf32, f"teacher_topk, allow_tf32={tf32}: {gemms} GEMMs"
+        labels.append(res)
+    scale = (h.abs() @ w.abs().T).max().item()
+    torch.testing.assert_close(labels[0].lse, labels[1].lse, rtol=0, atol=2.0**-9 * scale)
 
 
 @pytest.mark.parametrize("case", ["peaked_hard_filtered", "linear_one_minus_prob", "topk_combined", "tf32_linear"])
