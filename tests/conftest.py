@@ -42,6 +42,20 @@ if CUDA_EMU:
     cuda_emulation.install()
 collect_ignore = [] if CUDA_EMU else ["test_cuda_emulated.py"]
 
+@pytest.fixture
+def set_tf32():
+    """A setter of ``torch.backends.cuda.matmul.allow_tf32`` (whether CUDA's float32 matmuls, and
+    kdfast's fused CUDA kernels, may use tf32), put back as it was after the test. (Not
+    monkeypatch.setattr: under torch 2.11 its undo fails on that module.)"""
+    before = torch.backends.cuda.matmul.allow_tf32
+
+    def set_to(on: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = on
+
+    yield set_to
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.fixture(params=DEVICES, scope="session")
 def device(request) -> str:
     """Every device kdfast has kernels for (session-scoped so hypothesis tests may use it)."""

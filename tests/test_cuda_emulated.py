@@ -229,7 +229,7 @@ def _gemm_calls(fn):
 
 @pytest.mark.parametrize("form, term", [("none", "hard_smoothed"), ("linear", "combined_one_minus_prob"),
                                         ("topk", "combined")])
-def test_float32_takes_the_fused_kernels_only_with_tf32_allowed(form, term, monkeypatch):
+def test_float32_takes_the_fused_kernels_only_with_tf32_allowed(form, term, set_tf32):
     """float32 with allow_tf32: the fused kernels (tf32 WMMA, no GEMM called), within tf32's error
     of the exact float32 path, which the default (allow_tf32 off) takes with its float32 GEMMs.
     The top-k op the same way. (d = 24, d_t = 40: the float layout's teacher chunks of 32.)"""
@@ -238,7 +238,7 @@ def test_float32_takes_the_fused_kernels_only_with_tf32_allowed(form, term, monk
     kwargs = dict(TERMS[term], reduction="none")
     results = []
     for tf32 in (True, False):
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+        set_tf32(tf32)
         (loss, grads), gemms = _gemm_calls(lambda: _run_fused(p, kwargs, _grad_out(p, "none"), exact=True))
         assert (gemms == 0) == tf32, f"allow_tf32={tf32}: {gemms} GEMMs"
         results.append((loss, grads))
@@ -248,7 +248,7 @@ def test_float32_takes_the_fused_kernels_only_with_tf32_allowed(form, term, monk
     h, w = p.teacher_kwargs().get("teacher_hidden", p.hidden), p.teacher_kwargs().get("teacher_weight", p.weight)
     labels = []
     for tf32 in (True, False):
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+        set_tf32(tf32)
         res, gemms = _gemm_calls(lambda: kdfast.teacher_topk(h, w, None, k=5))
         assert (gemms == 0) == tf32, f"teacher_topk, allow_tf32={tf32}: {gemms} GEMMs"
         labels.append(res)
@@ -257,7 +257,7 @@ def test_float32_takes_the_fused_kernels_only_with_tf32_allowed(form, term, monk
 
 
 @pytest.mark.parametrize("case", ["peaked_hard_filtered", "linear_one_minus_prob", "topk_combined", "tf32_linear"])
-def test_fused_kernels_do_not_depend_on_the_threads_order(case, monkeypatch):
+def test_fused_kernels_do_not_depend_on_the_threads_order(case, monkeypatch, set_tf32):
     """The fused kernels under four orders of the emulated threads (seeds) give bit-identical
     results: no result depends on a race between sync points (a missing __syncthreads or
     __syncwarp moves it, as test_reading_other_lanes_elements_without_syncwarp_moves_with_the_seed
@@ -268,7 +268,7 @@ def test_fused_kernels_do_not_depend_on_the_threads_order(case, monkeypatch):
         p = _peaked_problem(torch.bfloat16, "cpu")
         kwargs, extra = {"reduction": "none"}, {"exact": False, "filter_eps": 1e-3, "tile_size": 64}
     elif case == "tf32_linear":
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+        set_tf32(True)
         p = _problem(70, 24, 300, seed=43, form="linear", target_kind="multi", dtype=torch.float32, d_t=40)
         kwargs, extra = dict(TERMS["combined_one_minus_prob"], reduction="none"), {"exact": True}
     else:

@@ -935,12 +935,12 @@ def test_half_precision_within_twice_low_precision_reference_error(form, term, r
 
 @pytest.mark.parametrize("term", ["hard_smoothed", "combined", "combined_one_minus_prob"])
 @pytest.mark.parametrize("form", FORMS)
-def test_float32_with_tf32_allowed_within_tf32_error(form, term, fdevice, monkeypatch):
+def test_float32_with_tf32_allowed_within_tf32_error(form, term, fdevice, set_tf32):
     """float32 inputs with torch.backends.cuda.matmul.allow_tf32 on: CUDA's fused kernels then
     multiply in tf32 (10-bit mantissas), the CPU keeps float32. Loss and gradients within 2^-8 of
     their largest float64 value (tf32 rounds each product's inputs by up to 2^-11; measured
     2e-4 to 1e-3 of it under the emulation)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    set_tf32(True)
     p = _problem(70, 24, 300, seed=45, form=form, target_kind="multi", dtype=torch.float32, d_t=40, k=7,
                  device=fdevice)
     kwargs = dict(TERMS[term], reduction="none")

@@ -424,12 +424,12 @@ def test_half_precision_inputs(dtype, bias, tdevice, cpu_bf16_gemm):
         assert frac >= 0.9
 
 
-def test_float32_with_tf32_allowed(tdevice, monkeypatch):
+def test_float32_with_tf32_allowed(tdevice, set_tf32):
     """float32 with torch.backends.cuda.matmul.allow_tf32 on (CUDA's fused kernel then multiplies
     in tf32): the classes chosen carry the k largest float64 logits rank by rank and their
     logits, lse and entropy are within tf32's error (inputs rounded by up to 2^-11: 2^-9 of
     sum |h w|); covered within as much."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    set_tf32(True)
     h, w, b = _random(40, 100, 1500, dtype=torch.float32, seed=16, scale=4.0, device=tdevice)
     res = _run(h, w, b, 24, 1.5)
     _check_shapes(res, 40, 24, torch.float32)
