@@ -10,8 +10,9 @@
 //   gradient GEMMs. KDFAST_CUDA_FUSED=0 turns it off (for comparisons).
 // - tiled, for the rest (exact float32 among them): each class tile's logits
 //   are made by a cuBLAS GEMM (at::mm; bf16/fp16 on tensor cores with float32
-//   output, float32 as torch's TF32 setting says) into a [B, tile] float buffer that the kernels of
-//   csrc/cuda/loss_tiles.cu reduce; tiles run in order on the current stream.
+//   output, float32 as torch's TF32 setting says) into a [B, tile] float buffer
+//   that the kernels of csrc/cuda/loss_tiles.cu reduce; tiles run in order on
+//   the current stream.
 //   So the logits of one tile, not of the batch, reach global memory. The
 //   backward's gradient filter gives the CPU's results (a tile whose every
 //   dL/dF entry is negligible adds nothing), but its GEMMs still run.
@@ -539,10 +540,10 @@ std::optional<FusedLinearArgs> fused_topk_args(const at::Tensor& h, const at::Te
   return a;
 }
 
-// Teacher top-k labeling: fused for bf16 / fp16 (and TF32 float) inputs (csrc/cuda/fused_linear.cu:
-// the logits made in shared memory and selected there, per class split, then the
-// splits merged), otherwise a GEMM per class tile (as linear_tile) and the
-// selection kernels of csrc/cuda/teacher_topk.cu.
+// Teacher top-k labeling: fused for bf16 / fp16 (and TF32 float) inputs
+// (csrc/cuda/fused_linear.cu: the logits made in shared memory and selected
+// there, per class split, then the splits merged), otherwise a GEMM per class
+// tile (as linear_tile) and the selection kernels of csrc/cuda/teacher_topk.cu.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias, int64_t k, double temperature,
     int64_t tile_size) {
