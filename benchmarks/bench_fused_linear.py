@@ -623,7 +623,9 @@ PEER_MODULES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
 PEER_DISTRIBUTIONS = {"liger": "liger-kernel", "cce": "cut-cross-entropy"}
 CUDA_DEFAULTS = {"batch": 4096, "repeats": 20, "warmup": 3}
 CPU_DEFAULTS = {"batch": 256, "repeats": 3, "warmup": 1}
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# "tf32": float32 inputs with torch.backends.cuda.matmul.allow_tf32 on, for every implementation (and
+# for the floor's matmul): kdfast's fused kernels then take float32 too, multiplying in tf32.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "tf32": torch.float32}
 
 GEMM_N = 8192  # the floor's rate: [N, N] @ [N, N] in the benchmark's dtype
 GEMM_REPEATS = 10
@@ -641,8 +643,13 @@ GOAL_TOPK_ROWS_PER_S = 300_000
 # The correctness check: each implementation on the first --check-rows rows against eager in
 # float32 on the same (bf16-valued) inputs. Tolerances for bf16 logits and gradients: a
 # relative error of the loss, and ||g - g_ref|| / ||g_ref|| for each gradient. (float32 runs
-# use the tighter pair.)
-CHECK_TOL = {"low": (1e-2, 3e-2), "float32": (1e-4, 1e-3)}
+# use the tighter pair; tf32 ones, whose products round inputs at 2^-11, one in between.)
+CHECK_TOL = {"low": (1e-2, 3e-2), "float32": (1e-4, 1e-3), "tf32": (2e-3, 1e-2)}
+
+
+def check_tol_kind(dtype_name: str) -> str:
+    """The CHECK_TOL entry of a --dtype."""
+    return dtype_name if dtype_name in ("float32", "tf32") else "low"
 
 CUDA_CSV_COLUMNS = (
     "date", "commit", "device", "torch", "kdfast", "python",
@@ -915,14 +922,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def cuda_check(case: str, impl: str, x: Inputs, rows: int, dtype: torch.dtype) -> dict:
-    """``impl`` on the first ``rows`` rows against eager in float32 on the same values: relative
-    error of the loss and of each gradient (teacher labeling: of lse, entropy and covered mass,
-    and the true logits at the returned classes against the true top-k)."""
-    loss_tol, grad_tol = CHECK_TOL["float32" if dtype == torch.float32 else "low"]
+def cuda_check(case: str, impl: str, x: Inputs, rows: int, dtype_name: str) -> dict:
+    """``impl`` on the first ``rows`` rows against eager in float32 (exact: no tf32) on the same
+    values: relative error of the loss and of each gradient (teacher labeling: of lse, entropy and
+    covered mass, and the true logits at the returned classes against the true top-k)."""
+    kind = check_tol_kind(dtype_name)
+    loss_tol, grad_tol = CHECK_TOL[kind]
     rows = min(rows, x.th.shape[0] if case == "topk" else x.h.shape[0])
     xs = _sub_inputs(case, x, rows)
-    ref = _float32_reference(case, xs)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = _float32_reference(case, xs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     out: dict = {"rows": rows}
     if case == "topk":
         if impl == "kdfast":
@@ -939,7 +952,7 @@ def cuda_check(case: str, impl: str, x: Inputs, rows: int, dtype: torch.dtype) -
         )
         # A near-tie may come back swapped: the returned class's true logit then equals the one it
         # displaced up to the logits' rounding (bf16 logits, as eager's, round at 2^-8 relative).
-        logit_tol = (1e-4 if dtype == torch.float32 else 2.0**-7) * float(ref["vals"].abs().max())
+        logit_tol = {"float32": 1e-4, "tf32": 2.0**-9, "low": 2.0**-7}[kind] * float(ref["vals"].abs().max())
         out["ok"] = max(out["lse"], out["entropy"], out["covered"]) <= grad_tol and out["topk_logits"] <= logit_tol
         return out
     step, reset = make_cuda_step(impl, case, xs)
@@ -974,7 +987,7 @@ def cuda_worker(case: str, impl: str, args: argparse.Namespace) -> dict:
     """
     import traceback
 
-    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32, in the reference too
+    torch.backends.cuda.matmul.allow_tf32 = args.dtype == "tf32"  # float32 means float32 otherwise
     dtype = DTYPES[args.dtype]
     dev = torch.device("cuda")
     result: dict = {"case": case, "impl": impl, "status": "ok", "message": ""}
@@ -1018,7 +1031,7 @@ def cuda_worker(case: str, impl: str, args: argparse.Namespace) -> dict:
                 result["check"] = {"skipped": "compiles eager's function; a second shape would compile again"}
             else:
                 try:
-                    result["check"] = cuda_check(case, impl, x, args.check_rows, dtype)
+                    result["check"] = cuda_check(case, impl, x, args.check_rows, args.dtype)
                 except Exception as exc:  # noqa: BLE001  (a failed check is reported, the timing stays)
                     traceback.print_exc()
                     result["check"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "ok": False}
@@ -1041,6 +1054,7 @@ def gemm_worker(args: argparse.Namespace) -> dict:
     """The GPU and the rate of a ``[N, N] @ [N, N]`` matmul in the benchmark's dtype (median of
     ``GEMM_REPEATS`` after 3 warm-ups, CUDA events, random data)."""
     dtype, dev = DTYPES[args.dtype], torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = args.dtype == "tf32"
     g = torch.Generator(device=dev).manual_seed(SEED)
     a = torch.randn(GEMM_N, GEMM_N, generator=g, device=dev, dtype=dtype)
     b = torch.randn(GEMM_N, GEMM_N, generator=g, device=dev, dtype=dtype)
@@ -1249,7 +1263,7 @@ def cuda_markdown(payload: dict, summary: dict) -> str:
     lines += [f"- {s}" for s in cuda_speedup_lines(summary)]
     checks = cuda_check_lines(payload)
     if checks:
-        loss_tol, grad_tol = CHECK_TOL["float32" if a["dtype"] == "float32" else "low"]
+        loss_tol, grad_tol = CHECK_TOL[check_tol_kind(a["dtype"])]
         lines += ["", (f"Each implementation against eager in float32 on the same values, first {a['check_rows']} "
                        f"rows (loss relative error <= {_e(loss_tol)}, ||g - g_ref|| / ||g_ref|| <= {_e(grad_tol)}; "
                        "torch.compile not checked):"), ""]

@@ -39,6 +39,8 @@
 #   KDFAST_CUDA_FUSED=0   (read by kdfast itself) the tiled cuBLAS path instead of the fused kernels for
 #                         bf16/fp16, e.g. to bench both: a first call as usual, a second with this and
 #                         BENCH_ARGS="--impls kdfast --no-write"
+#                         (BENCH_ARGS="--dtype tf32": float32 inputs with TF32 allowed, which the fused
+#                         kernels take too; plain --dtype float32 stays exact, on the tiled path)
 #
 # Usage (device tool). Since 2026-12 a session has 15 minutes of device time in all, machine start
 # included, so plan for ONE call (a second is possible only if the first ends early). First, here:

@@ -111,6 +111,7 @@ def profile_phase(fn: Callable[[], object], device: str) -> dict:
 def profile_case(case: str, args: argparse.Namespace) -> dict:
     """Forward and backward of kdfast on ``case``, each profiled after ``args.warmup`` full steps."""
     dtype = bfl.DTYPES[args.dtype]
+    torch.backends.cuda.matmul.allow_tf32 = args.dtype == "tf32"  # (float32 inputs, products in tf32)
     x = bfl.make_inputs_cuda(case, args.batch, args.classes, args.dim, args.teacher_dim, dtype, device=args.device)
     step, reset = bfl.make_cuda_step("kdfast", case, x)  # the benchmark's own step, to warm up
     for _ in range(args.warmup):

@@ -117,10 +117,27 @@ def test_cuda_helpers_on_cpu_tensors(case, impl):
     step, reset = b.make_cuda_step(impl, case, x)
     reset()
     assert torch.isfinite(step())
-    check = b.cuda_check(case, impl, x, 8, torch.bfloat16)
+    check = b.cuda_check(case, impl, x, 8, "bfloat16")
     assert check["ok"], b.cuda_check_line(case, impl, check)
     inputs, grads = b.state_bytes(case, 12, 1500, 8, 24, 2, x.num_positives)
     assert grads == (0 if case == "topk" else (12 + 1500) * 8 * 2) and inputs > 0
+
+
+def test_tf32_dtype_checks_against_exact_float32():
+    """--dtype tf32: float32 inputs, the tf32 tolerances, and the reference computed with tf32 off
+    (the flag put back after)."""
+    assert b.DTYPES["tf32"] is torch.float32
+    assert [b.check_tol_kind(n) for n in ("bfloat16", "float16", "float32", "tf32")] == ["low", "low", "float32", "tf32"]
+    assert b.CHECK_TOL["float32"] < b.CHECK_TOL["tf32"] < b.CHECK_TOL["low"]
+    x = b.make_inputs_cuda("ce", 12, 1500, 8, 24, torch.float32, device="cpu")
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        check = b.cuda_check("ce", "eager", x, 8, "tf32")
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert check["ok"] and check["loss_rel"] <= b.CHECK_TOL["tf32"][0]
 
 
 @pytest.mark.parametrize("impl,module", [("liger", "liger_kernel"), ("cce", "cut_cross_entropy")])
