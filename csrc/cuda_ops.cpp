@@ -560,12 +560,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> teacher_t
   at::Tensor indices = at::empty({B, k}, opts.dtype(at::kLong));
   at::Tensor logits = at::empty({B, k}, opts);
   at::Tensor lse = at::empty({B}, opts), entropy = at::empty({B}, opts), covered = at::empty({B}, opts);
-  at::Tensor count = at::empty({B}, opts.dtype(at::kLong));
   at::Tensor stats = at::empty({B, kNumSoftmaxStats}, opts);
   if (const auto fa = fused_topk_args(h, w, b, k)) {
     const int64_t splits = fused_topk_splits(B, V, k, max_splits());
     at::Tensor part_logit = at::empty({splits, B, k}, opts), part_index = at::empty({splits, B, k}, indices.options());
-    at::Tensor part_count = at::empty({splits, B}, count.options());
+    at::Tensor part_count = at::empty({splits, B}, indices.options());
     at::Tensor part_stats = at::empty({splits, B, kNumSoftmaxStats}, opts);
     FusedTopkPartial partial;
     partial.logit = part_logit.data_ptr<float>();
@@ -574,24 +573,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> teacher_t
     partial.stats = part_stats.data_ptr<float>();
     fused_teacher_topk(*fa, k, temperature, splits, partial, logits.data_ptr<float>(), indices.data_ptr<int64_t>(),
                        stats.data_ptr<float>(), current_stream());
-    topk_finish<float>(logits.data_ptr<float>(), stats.data_ptr<float>(), B, k, temperature, lse.data_ptr<float>(),
-                       entropy.data_ptr<float>(), covered.data_ptr<float>(), current_stream());
-    check_launches();
-    return {indices, logits, lse, entropy, covered};
+  } else {
+    at::Tensor count = at::empty({B}, opts.dtype(at::kLong));
+    const int64_t tile = cuda_tile(tile_size, B, V, at::elementSize(acc_type));
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "teacher_topk_cuda", [&] {
+      topk_init<scalar_t>(logits.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), count.data_ptr<int64_t>(),
+                          stats.data_ptr<scalar_t>(), B, k, current_stream());
+      at::Tensor x_buf = at::empty({B * tile}, opts);
+      for (int64_t c0 = 0; c0 < V; c0 += tile) {
+        const int64_t n = std::min(tile, V - c0);
+        at::Tensor x = cpu::tile_view(x_buf, B, n);
+        linear_tile(h, w, b, c0, n, x);
+        topk_tile<scalar_t>(x.data_ptr<scalar_t>(), B, n, c0, k, temperature, logits.data_ptr<scalar_t>(),
+                            indices.data_ptr<int64_t>(), count.data_ptr<int64_t>(), stats.data_ptr<scalar_t>(),
+                            current_stream());
+      }
+    });
   }
-  const int64_t tile = cuda_tile(tile_size, B, V, at::elementSize(acc_type));
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "teacher_topk_cuda", [&] {
-    topk_init<scalar_t>(logits.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), count.data_ptr<int64_t>(),
-                        stats.data_ptr<scalar_t>(), B, k, current_stream());
-    at::Tensor x_buf = at::empty({B * tile}, opts);
-    for (int64_t c0 = 0; c0 < V; c0 += tile) {
-      const int64_t n = std::min(tile, V - c0);
-      at::Tensor x = cpu::tile_view(x_buf, B, n);
-      linear_tile(h, w, b, c0, n, x);
-      topk_tile<scalar_t>(x.data_ptr<scalar_t>(), B, n, c0, k, temperature, logits.data_ptr<scalar_t>(),
-                          indices.data_ptr<int64_t>(), count.data_ptr<int64_t>(), stats.data_ptr<scalar_t>(),
-                          current_stream());
-    }
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "teacher_topk_cuda_finish", [&] {
     topk_finish<scalar_t>(logits.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(), B, k, temperature,
                           lse.data_ptr<scalar_t>(), entropy.data_ptr<scalar_t>(), covered.data_ptr<scalar_t>(),
                           current_stream());

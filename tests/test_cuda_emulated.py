@@ -156,14 +156,14 @@ def test_reading_other_lanes_elements_without_syncwarp_moves_with_the_seed():
     assert len(racy) >= 4, racy
 
 
-def _fused_and_tiled(p, kwargs, grad_out, monkeypatch):
-    """(loss, grads) from the fused kernels and from the tiled cuBLAS-style path, checking which
-    path ran by the bf16 GEMMs it called."""
+def _fused_and_tiled(run, monkeypatch):
+    """run()'s results from the fused kernels and from the tiled cuBLAS-style path, checking which
+    path ran by the bf16/fp16 GEMMs it called."""
     results = []
     for fused in ("1", "0"):
         monkeypatch.setenv("KDFAST_CUDA_FUSED", fused)
         before = cuda_emu.mixed_mm_calls()
-        results.append(_run_fused(p, kwargs, grad_out, exact=True))
+        results.append(run())
         made_gemms = cuda_emu.mixed_mm_calls() > before
         assert made_gemms == (fused == "0"), f"KDFAST_CUDA_FUSED={fused}: GEMMs called: {made_gemms}"
     return results
@@ -191,7 +191,9 @@ def test_fused_kernels_match_the_tiled_path(form, term, B, V, d, d_t, max_splits
     p = _problem(B, d, V, seed=41, form="dense" if form == "none" else form, target_kind="multi",
                  dtype=torch.bfloat16, d_t=d_t, k=7)
     kwargs = dict(TERMS[term], reduction="none")
-    (loss, grads), (loss_t, grads_t) = _fused_and_tiled(p, kwargs, _grad_out(p, "none"), monkeypatch)
+    (loss, grads), (loss_t, grads_t) = _fused_and_tiled(
+        lambda: _run_fused(p, kwargs, _grad_out(p, "none"), exact=True), monkeypatch
+    )
     torch.testing.assert_close(loss.float(), loss_t.float(), rtol=2**-7, atol=0)  # one bf16 rounding
     for name, g, g_t in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, grads_t):
         scale = g_t.float().abs().max().item()
@@ -212,7 +214,7 @@ def test_fused_fp16_backward_keeps_small_gradient_entries(form, term, upstream, 
                  dtype=torch.float16, d_t=37, k=7)
     kwargs = dict(TERMS[term], reduction="none")
     g = torch.full((p.B,), upstream / p.B, dtype=torch.float16)
-    (_, grads), (_, grads_t) = _fused_and_tiled(p, kwargs, g, monkeypatch)
+    (_, grads), (_, grads_t) = _fused_and_tiled(lambda: _run_fused(p, kwargs, g, exact=True), monkeypatch)
     _, exact = _run_dense(reference.distillation_loss, p, kwargs, g.double(), torch.float64)
     for name, got, tiled, want in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, grads_t, exact):
         half_ulp = 2.0**-11 * want.abs().max().item()
@@ -297,19 +299,6 @@ def _grid_teacher(B, d, V, dtype, *, seed):
     return h, w, b
 
 
-def _topk_fused_and_tiled(h, w, b, k, T, monkeypatch):
-    """teacher_topk's results from the fused kernel and from the tiled path, checking which path
-    ran by the GEMMs it called."""
-    results = []
-    for fused in ("1", "0"):
-        monkeypatch.setenv("KDFAST_CUDA_FUSED", fused)
-        before = cuda_emu.mixed_mm_calls()
-        results.append(kdfast.teacher_topk(h, w, b, k=k, temperature=T))
-        made_gemms = cuda_emu.mixed_mm_calls() > before
-        assert made_gemms == (fused == "0"), f"KDFAST_CUDA_FUSED={fused}: GEMMs called: {made_gemms}"
-    return results
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
     "B, V, d, k, max_splits",
@@ -329,7 +318,7 @@ def test_fused_topk_matches_the_tiled_path_and_the_reference(dtype, B, V, d, k, 
     h, w, b = _grid_teacher(B, d, V, dtype, seed=B)
     h[1, 0] = float("nan")
     T = 1.5
-    fused, tiled = _topk_fused_and_tiled(h, w, b, k, T, monkeypatch)
+    fused, tiled = _fused_and_tiled(lambda: kdfast.teacher_topk(h, w, b, k=k, temperature=T), monkeypatch)
     assert torch.equal(fused.indices, tiled.indices)
     assert torch.equal(fused.logits.isnan(), tiled.logits.isnan())
     assert torch.equal(fused.logits.nan_to_num(), tiled.logits.nan_to_num())

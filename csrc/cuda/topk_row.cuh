@@ -192,7 +192,7 @@ __device__ void merge_stats(SoftmaxStats<T>& st, const SoftmaxStats<T>& o, T inv
     st = o;
     return;
   }
-  const T max = st.max < o.max ? o.max : st.max;
+  const T max = row_math::std_max(st.max, o.max);
   // rescaled to the new max: sum' = r sum, dot' = r (dot - sum delta), delta = (max - old) / T
   auto rescaled = [&](const SoftmaxStats<T>& a, T& sum, T& dot) {
     if (a.max == max) {
@@ -200,7 +200,7 @@ __device__ void merge_stats(SoftmaxStats<T>& st, const SoftmaxStats<T>& o, T inv
       dot = a.dot;
       return;
     }
-    const T delta = (max - a.max) * inv_t, r = d_exp(-delta);
+    const T delta = (max - a.max) * inv_t, r = row_math::rescale_factor(a.max, max, inv_t);
     sum = r * a.sum;
     dot = r * (a.dot - a.sum * delta);
   };
@@ -215,30 +215,20 @@ __device__ void merge_stats(SoftmaxStats<T>& st, const SoftmaxStats<T>& o, T inv
 // The statistics of x[0, n) alone, by the warp (every lane gets them).
 template <typename T>
 __device__ SoftmaxStats<T> warp_stats(const T* x, int64_t n, T inv_t) {
-  SoftmaxStats<T> st = empty_stats<T>();
-  bool nan = false;
-  for (int64_t j = lane(); j < n; j += 32) {
-    nan = nan || is_nan(x[j]);
-    if (x[j] > st.max) st.max = x[j];
-  }
-  st.nan = __ballot_sync(kFullMask, nan) != 0;
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const T o = __shfl_xor_sync(kFullMask, st.max, offset);
-    if (o > st.max) st.max = o;
-  }
-  if (st.nan || st.max == -T(INFINITY)) return st;
+  const row_math::WarpGroup<T> warp;
+  T max = -T(INFINITY);
+  for (int64_t j = lane(); j < n; j += 32) max = row_math::nan_max(max, x[j]);
+  max = warp.reduce(max, row_math::NanMax{});  // (NaN wins: the statistics' NaN flag)
+  SoftmaxStats<T> st{max, T(0), T(0), is_nan(max)};
+  if (st.nan || max == -T(INFINITY)) return st;
   T sum = 0, dot = 0;
   for (int64_t j = lane(); j < n; j += 32) {
-    const T z = (x[j] - st.max) * inv_t, e = d_exp(z);
+    const T z = (x[j] - max) * inv_t, e = d_exp(z);
     sum += e;
     dot += e == T(0) ? T(0) : e * z;  // (exp(-inf) * -inf would be NaN)
   }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    sum += __shfl_xor_sync(kFullMask, sum, offset);
-    dot += __shfl_xor_sync(kFullMask, dot, offset);
-  }
-  st.sum = sum;
-  st.dot = dot;
+  st.sum = warp.reduce(sum, row_math::Sum{});
+  st.dot = warp.reduce(dot, row_math::Sum{});
   return st;
 }
 
