@@ -44,7 +44,7 @@ test: $(STAMP) cuda-check
 # glue and kernels built as CPU code and run by an emulator (tests/cuda_emu/README.md): the
 # code a CUDA build runs, tested without a GPU.
 CUDA_EMU_TESTS := tests/test_fused_linear.py tests/test_distillation_loss.py tests/test_teacher_topk.py \
-	tests/test_cuda_emulated.py
+	tests/test_cuda_emulated.py tests/test_cuda_index_checks.py
 test-cuda-emu: $(STAMP)
 	KDFAST_CUDA_EMU=1 $(PY) -m pytest $(CUDA_EMU_TESTS) -q
 

@@ -20,9 +20,11 @@
 // log-partition) runs fused or tiled with the rest. Teacher top-k labeling takes
 // the same two paths: fused for bf16 / fp16 (and TF32 float), tiled (cuBLAS, then
 // csrc/cuda/teacher_topk.cu) for the rest.
-// The forward ops check index values on the host (kernel_utils.h): one sync,
-// skipped while the stream is captured into a CUDA graph; the backward ops do
-// not check them again.
+// The forward ops check index values on the device (csrc/cuda/index_checks.h:
+// a bad value stops the kernel with a device-side assertion, as PyTorch's own
+// CUDA index checks do), so no op waits for the device; KDFAST_CUDA_HOST_CHECKS=1
+// checks them on the host instead (catchable ValueErrors, one sync a call). The
+// backward ops do not check them again.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -42,6 +44,7 @@
 #include "cpu/loss_math.h"
 #include "cpu/tiles.h"
 #include "cuda/fused_linear.h"
+#include "cuda/index_checks.h"
 #include "cuda/loss_tiles.h"
 #include "cuda/teacher_topk.h"
 
@@ -80,11 +83,27 @@ Targets device_targets(const FusedInputs& in, int64_t ignore_index) {
   return t;
 }
 
-// Index values are checked on the host (a copy there, one sync) except while
-// the current stream is captured into a CUDA graph, where that copy is not
-// allowed; the kernels then stay in bounds on bad values (loss_tiles.h, Targets).
-bool can_check_index_values() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+// KDFAST_CUDA_HOST_CHECKS=1: index values are checked on the host (a copy there,
+// one sync; errors are ValueErrors that leave the CUDA context usable), except
+// while the current stream is captured into a CUDA graph, where that copy is not
+// allowed. Otherwise, and then, they are checked on the device (index_checks.h).
+bool host_index_checks() {
+  const char* env = std::getenv("KDFAST_CUDA_HOST_CHECKS");
+  return env && std::strcmp(env, "1") == 0 &&
+         c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// The device-side checks of what prepare_call did not check on the host.
+void check_index_values_on_device(const FusedInputs& in, int64_t ignore_index) {
+  if (in.target.defined())
+    check_target_values(in.target.data_ptr<int64_t>(), in.B, in.V, ignore_index, current_stream());
+  if (in.indptr.defined())
+    check_csr_targets(in.indptr.data_ptr<int64_t>(), in.indices.data_ptr<int64_t>(), in.B, in.indices.numel(), in.V,
+                      current_stream());
+  if (in.topk_indices.defined())
+    check_topk_indices(in.topk_indices.data_ptr<int64_t>(), in.B, in.topk_indices.size(1), in.V, current_stream());
 }
 
 // Class tile: the [B, tile] student, teacher and gradient buffers in about
@@ -101,8 +120,6 @@ int64_t cuda_tile(int64_t requested, int64_t B, int64_t V, int64_t acc_bytes) {
   }
   return std::min(tile, V);
 }
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // A failed kernel launch (bad configuration) surfaces here, once per op, as an
 // error naming the op rather than at some later call.
@@ -261,9 +278,11 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_I
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the tile GEMMs must not re-enter autograd
   const c10::cuda::CUDAGuard device_guard(hidden.device());
   // (not structured bindings: C++17 lambdas, as AT_DISPATCH's, cannot capture them)
-  const auto call = cpu::prepare_call(can_check_index_values(), KDFAST_FUSED_INPUT_NAMES, KDFAST_LOSS_NAMES);
+  const bool on_host = host_index_checks();
+  const auto call = cpu::prepare_call(on_host, KDFAST_FUSED_INPUT_NAMES, KDFAST_LOSS_NAMES);
   const LossConfig& cfg = call.first;
   const FusedInputs& in = call.second;
+  if (!on_host) check_index_values_on_device(in, cfg.ignore_index);
   const int64_t tile = cuda_tile(tile_size, in.B, in.V, at::elementSize(in.acc_type));
   const auto opts = in.hidden.options();
   at::Tensor losses = at::empty({in.B}, opts);
@@ -318,8 +337,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard device_guard(hidden.device());
   // (not structured bindings: C++17 lambdas, as AT_DISPATCH's, cannot capture them)
-  // index values are not checked again (a host sync per step): the forward
-  // checked these tensors, and the kernels stay in bounds on any values
+  // index values are not checked again: the forward checked these tensors, and
+  // the kernels stay in bounds on any values
   const auto call = cpu::prepare_call(false, KDFAST_FUSED_INPUT_NAMES, KDFAST_LOSS_NAMES);
   const LossConfig& cfg = call.first;
   const FusedInputs& in = call.second;
@@ -421,7 +440,11 @@ std::tuple<at::Tensor, at::Tensor> distillation_loss_forward_cuda(
   cpu::check_dense_inputs(cfg, student_logits, target, teacher_logits);
   const int64_t B = student_logits.size(0), V = student_logits.size(1);
   const at::Tensor t_all = target.has_value() ? target->contiguous() : at::Tensor();
-  if (t_all.defined() && can_check_index_values()) cpu::check_target_values(t_all, V, ignore_index);
+  if (t_all.defined() && host_index_checks()) {
+    cpu::check_target_values(t_all, V, ignore_index);
+  } else if (t_all.defined()) {
+    check_target_values(t_all.data_ptr<int64_t>(), B, V, ignore_index, current_stream());
+  }
   const auto acc_type = student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = student_logits.options().dtype(acc_type);
   const int64_t tile = cuda_tile(0, B, V, at::elementSize(acc_type));

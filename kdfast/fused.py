@@ -126,6 +126,12 @@ def fused_linear_distillation_loss(
     as do float32 ones where torch allows TF32 (``torch.backends.cuda.matmul.allow_tf32``): their
     products are then tf32's; float32 stays exact (tiled cuBLAS GEMMs) by default.
 
+    Bad index values (a target outside ``[0, V)`` that is not ``ignore_index``, an unsorted
+    ``MultiTarget`` row, a ``TopK`` class out of range or given twice) raise a ``ValueError`` naming
+    the entry on the CPU. On CUDA they are checked on the device, so that no call waits for the GPU:
+    a bad one prints that message and stops with a device-side assertion, as PyTorch's CUDA losses
+    do (``KDFAST_CUDA_HOST_CHECKS=1``: the ``ValueError`` instead, for one sync per call).
+
     Memory: on the CPU, a ``grad_weight`` of 2 MiB or more is put on transparent huge pages and,
     once freed, kept for the next backward of the same size, so a training loop does not fault
     fresh pages in every step (:func:`kdfast.ops.empty_cpu_cache` returns it;

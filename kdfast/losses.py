@@ -170,6 +170,9 @@ def distillation_loss(
         student_logits: ``[B, V]`` float16, bfloat16, float32 or float64; receives the gradient.
         target: ``[B]`` int64 class indices in ``[0, V)``; rows equal to ``ignore_index``
             contribute to no term. Needed when ``hard_weight > 0``; without it every row counts.
+            Any other value raises a ``ValueError`` on the CPU; on CUDA it is checked on the
+            device (a device-side assertion; ``KDFAST_CUDA_HOST_CHECKS=1``: the ``ValueError``,
+            for one sync per call), as :func:`kdfast.fused_linear_distillation_loss` says.
         teacher_logits: ``[B, V]``, same dtype and device as the student; never receives a
             gradient. Needed when ``soft_weight > 0`` or ``double_weight > 0``.
         reduction: ``"mean"`` (over counted rows; NaN when none counts, like

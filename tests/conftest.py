@@ -41,6 +41,9 @@ if CUDA_EMU:
 
     cuda_emulation.install()
 collect_ignore = [] if CUDA_EMU else ["test_cuda_emulated.py"]
+# the device-side index checks run under the emulation or on a GPU
+if not CUDA_EMU and "cuda" not in DEVICES:
+    collect_ignore.append("test_cuda_index_checks.py")
 
 @pytest.fixture
 def set_tf32():
@@ -67,6 +70,15 @@ def runs_cuda_code(device) -> bool:
     """Whether kdfast's CUDA ops run its CUDA code on this device: on CUDA, and on the CPU under
     the emulation (KDFAST_CUDA_EMU=1). For tests whose expectation differs between the two paths."""
     return device == "cuda" or CUDA_EMU
+
+
+@pytest.fixture
+def host_index_checks(monkeypatch) -> None:
+    """The CUDA ops check index values on the host too (KDFAST_CUDA_HOST_CHECKS=1), so that a bad
+    one raises a ValueError there, as on the CPU, instead of their default device-side assertion,
+    which ends the process's CUDA context (tests/test_cuda_index_checks.py tests that one). For
+    tests of the error messages; the CPU kernels always check on the host."""
+    monkeypatch.setenv("KDFAST_CUDA_HOST_CHECKS", "1")
 
 
 @pytest.fixture(params=["0", "1"], ids=["fp32_gemm", "bf16_gemm"])

@@ -1,8 +1,11 @@
-"""The CUDA ops capture into a CUDA graph: no host synchronization inside an op (issue 6).
+"""No host synchronization inside a CUDA op (issue 6): the ops capture into a CUDA graph, and
+none synchronizes in an eager call either.
 
-While a stream is being captured the ops skip the host-side checks of index values (a copy
-to the host is not allowed then) and run only device work; replaying the graph on new input
-values must give what an eager call gives on them. Runs only where kdfast has CUDA kernels.
+The ops check index values on the device by default (csrc/cuda/index_checks.h), so they run only
+device work; a graph captures those checks too. Replaying a graph on new input values must give
+what an eager call gives on them, and a step run under ``torch.cuda.set_sync_debug_mode("error")``
+must not raise (with KDFAST_CUDA_HOST_CHECKS=1, which copies the indices to the host, it does).
+Runs only where kdfast has CUDA kernels.
 """
 
 from __future__ import annotations
@@ -106,3 +109,72 @@ def test_dense_distillation_loss_captures():
         return (loss, *torch.autograd.grad(loss, (f,)))
 
     _check_replay(step, [f, s])
+
+
+def _steps(dtype=torch.float32):
+    """(name, step, inputs): forward and backward of the fused loss with each target kind and
+    teacher form, of the dense loss, and teacher top-k labeling, on ``dtype`` inputs."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+
+    def randn(*shape, grad=False):
+        return torch.randn(shape, device="cuda", generator=gen).to(dtype).requires_grad_(grad)
+
+    h, W = randn(B, D, grad=True), randn(V, D, grad=True)
+    th, tW = randn(B, DT), randn(V, DT)
+    y = torch.randint(0, V, (B,), device="cuda", generator=gen)
+    rows = [sorted(set(torch.randint(0, V, (1 + i % 4,)).tolist())) for i in range(B)]
+    multi = kdfast.MultiTarget.from_lists(rows, device="cuda")
+    teacher = randn(B, V)
+    logits, indices = teacher.topk(K, dim=1)
+    topk = kdfast.TopK(indices, logits, teacher.logsumexp(1))
+
+    def linear_kd(h, W):
+        loss = kdfast.fused_linear_distillation_loss(
+            h, W, y, teacher_hidden=th, teacher_weight=tW, hard_weight=0.5, soft_weight=0.5, temperature=2.0
+        )
+        return (loss, *torch.autograd.grad(loss, (h, W)))
+
+    def multi_topk_dd(h, W):
+        loss = kdfast.fused_linear_distillation_loss(h, W, multi, teacher_topk=topk, hard_weight=0.5, double_weight=0.5)
+        return (loss, *torch.autograd.grad(loss, (h, W)))
+
+    def dense(f):
+        loss = kdfast.distillation_loss(f, y, teacher, hard_weight=0.5, double_weight=0.5)
+        return (loss, *torch.autograd.grad(loss, (f,)))
+
+    def labeling(th, tW):
+        return kdfast.teacher_topk(th, tW, k=K, temperature=2.0)
+
+    f = randn(B, V, grad=True)
+    return [
+        ("linear_kd", linear_kd, (h, W)),
+        ("multi_topk_dd", multi_topk_dd, (h, W)),
+        ("dense", dense, (f,)),
+        ("labeling", labeling, (th, tW)),
+    ]
+
+
+def _run_without_syncs(step, inputs):
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return step(*inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_op_synchronizes(dtype):
+    for name, step, inputs in _steps(dtype):
+        step(*inputs)  # first call: kernel attributes, cuBLAS handles, workspaces
+        outputs = _run_without_syncs(step, inputs)
+        assert all(torch.isfinite(t.float()).all() for t in outputs if isinstance(t, torch.Tensor)), name
+
+
+def test_host_index_checks_synchronize(monkeypatch):
+    """The test above can fail: the host checks' copy of the indices is a sync it catches."""
+    monkeypatch.setenv("KDFAST_CUDA_HOST_CHECKS", "1")
+    _, step, inputs = _steps()[0]
+    step(*inputs)
+    with pytest.raises(RuntimeError, match="synchroniz"):
+        _run_without_syncs(step, inputs)

@@ -795,8 +795,9 @@ def test_bad_input_raises_naming_the_argument(case):
     ids=["V", "far_above_V", "minus_1", "default_ignore_index_not_ignored", "negative"],
 )
 @pytest.mark.parametrize("term", ["hard", "hard_smoothed", "combined"])
-def test_target_out_of_range_raises(term, bad_target, ignore_index, device):
-    """Target values are checked by the kernel (TORCH_CHECK_VALUE: a ValueError naming target)."""
+def test_target_out_of_range_raises(term, bad_target, ignore_index, device, host_index_checks):
+    """Target values are checked by the kernel (TORCH_CHECK_VALUE: a ValueError naming target; on
+    the CUDA code path with host checks on, its default device check: test_cuda_index_checks.py)."""
     student, target, teacher = _inputs(4, 6, seed=28, device=device)
     target[2] = bad_target
     x = student.clone().requires_grad_(True)

@@ -1440,7 +1440,7 @@ def _bad_cases():
 
 
 @pytest.mark.parametrize("case", list(_bad_cases()))
-def test_bad_input_raises_naming_the_argument(case):
+def test_bad_input_raises_naming_the_argument(case, host_index_checks):
     args, kwargs, exception, pattern = _bad_cases()[case]
     with pytest.raises(exception, match=pattern):
         kdfast.fused_linear_distillation_loss(*args, **kwargs)
@@ -1472,8 +1472,10 @@ def test_numpy_scalar_keywords_are_accepted():
     [(6, -100), (1000, -100), (-1, -100), (-100, -1)],
     ids=["V", "far_above_V", "minus_1", "default_ignore_index_not_ignored"],
 )
-def test_target_out_of_range_raises(bad_target, ignore_index, fdevice):
-    """Target values are checked by the kernel (a ValueError naming target), also by the raw op."""
+def test_target_out_of_range_raises(bad_target, ignore_index, fdevice, host_index_checks):
+    """Target values are checked by the kernel (a ValueError naming target), also by the raw op
+    (on the CUDA code path with host checks on; its default device check:
+    test_cuda_index_checks.py)."""
     p = _problem(4, 3, 6, seed=33, form="dense", ignore=(), device=fdevice)
     p.target[2] = bad_target
     h = _leaf(p.hidden)
@@ -1505,7 +1507,7 @@ def test_target_out_of_range_raises(bad_target, ignore_index, fdevice):
         "teacher_weight_V",
     ],
 )
-def test_raw_op_rejects_bad_input_too(case, fdevice):
+def test_raw_op_rejects_bad_input_too(case, fdevice, host_index_checks):
     """The op checks what the Python layer may not (values, and shapes when called directly), on
     every device (on CUDA: the glue's checks, csrc/cuda_ops.cpp)."""
     args, kwargs, exception, pattern = _bad_cases()[case]

@@ -2,9 +2,9 @@
 // kernels (fused_linear_loss.cpp) and the CUDA glue (csrc/cuda_ops.cpp).
 // Shape, dtype and device checks are the same on every device; index values
 // are checked on the host, after a copy there (a host sync) for tensors on
-// another device (kernel_utils.h, host_copy), unless the caller says they may
-// not be read (check_index_values = false: a CUDA stream being captured into a
-// graph, where a device-to-host copy is not allowed).
+// another device (kernel_utils.h, host_copy), unless the caller checks them
+// itself (check_index_values = false: the CUDA glue checks them on the device,
+// csrc/cuda/index_checks.h, unless KDFAST_CUDA_HOST_CHECKS=1).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -119,8 +119,8 @@ inline void check_backward_inputs(const at::Tensor& grad_losses, const at::Tenso
 }
 
 // Index tensors are checked value by value on the host: a tensor on another
-// device (CUDA) is copied there first, a host sync that its glue accepts for
-// the messages' sake (they name the bad entry).
+// device (CUDA) is copied there first, a host sync that its glue makes only
+// when asked to (KDFAST_CUDA_HOST_CHECKS=1; by default it checks on the device).
 inline at::Tensor host_copy(const at::Tensor& t) { return t.is_cpu() ? t : t.cpu(); }
 
 // Rows whose target is ignore_index are skipped; any other target must be a class.

@@ -37,8 +37,8 @@ struct LossTerms {
 // Hard labels on the device: an int target [B] (ignore_index rows skipped), CSR
 // positives (indptr [B + 1], indices; rows without positives skipped), or none.
 // Class indices outside [0, V) never match a tile, and indptr is clamped to
-// [0, num_indices]: inputs the glue could not check (during CUDA-graph capture)
-// give a wrong loss, never a read out of bounds.
+// [0, num_indices]: bad values (which index_checks.h stops, asynchronously, on
+// the same stream) give a wrong loss, never a read out of bounds.
 struct Targets {
   const int64_t* target = nullptr;
   const int64_t* indptr = nullptr;

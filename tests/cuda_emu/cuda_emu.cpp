@@ -336,13 +336,21 @@ unsigned warp_ballot(unsigned mask, bool pred) {
   return bits;
 }
 
-void fail(const char* message) {
+// Ends the current thread and fails its launch with this error.
+[[noreturn]] static void stop_thread(cudaError_t code, const std::string& message) {
   Block& b = block();
-  set_error(cudaErrorLaunchFailure, std::string(message) + " (" + where(b, *b.current) + ")");
+  set_error(code, message + " (" + where(b, *b.current) + ")");
   b.failed = true;
   b.current->done = true;
   switch_context(b.current->context, b.scheduler);
   std::abort();  // never resumed
+}
+
+void fail(const char* message) { stop_thread(cudaErrorLaunchFailure, message); }
+
+void device_assert(const char* assertion, const char* file, unsigned line, const char* function) {
+  stop_thread(cudaErrorAssert, std::string("device-side assert triggered: ") + file + ":" + std::to_string(line) +
+                                   ": " + function + ": Assertion `" + assertion + "` failed.");
 }
 
 void run_grid(const void* kernel, dim3 grid, dim3 block_size, size_t shared_bytes,

@@ -33,6 +33,11 @@
 // (and `extern __shared__ T name[];`, dynamic shared memory, is rewritten by
 // cuda_emulation.py into a pointer to the block's buffer: dynamic_shared below)
 #define __shared__ static
+// Device code may call __assert_fail itself (nvcc declares it for device code on
+// Linux; <cassert>'s assert calls it): a failed launch, not an abort. <cassert> is
+// included first, so that its declaration of __assert_fail is not rewritten.
+#include <cassert>
+#define __assert_fail(assertion, file, line, function) ::cuda_emu::device_assert(assertion, file, line, function)
 #define __align__(n) alignas(n)
 
 namespace cuda_emu {
@@ -60,6 +65,9 @@ void* dynamic_shared();
 int lane_id();
 // Fails the current launch with this message (the kernel's thread stops).
 [[noreturn]] void fail(const char* message);
+// A device-side assertion: fails the current launch with cudaErrorAssert and a
+// message naming the assertion, its place, the block and the thread.
+[[noreturn]] void device_assert(const char* assertion, const char* file, unsigned line, const char* function);
 
 // Kernel launches so far in this process (tests check that an op ran kernels).
 uint64_t launch_count();
