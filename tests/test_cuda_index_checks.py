@@ -105,6 +105,34 @@ CASES = {
 }
 
 
+def _graph_replay(device):
+    """A CUDA graph of a fused step captured on good targets, replayed after one was made bad in
+    place: the graph holds the device check too."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(B, D, generator=gen).to(device).requires_grad_(True)
+    W = torch.randn(V, D, generator=gen).to(device).requires_grad_(True)
+    y = torch.tensor([0, 1, 2, 3], device=device)
+
+    def step():
+        loss = kdfast.fused_linear_distillation_loss(h, W, y)
+        return torch.autograd.grad(loss, (h, W))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    y[1] = V
+    graph.replay()
+
+
+# cases that need a GPU (run in a subprocess there)
+GPU_CASES = {"graph_replay": (_graph_replay, "target[1] = 6 is outside [0, 6) and is not ignore_index (-100)")}
+
+
 def _printed() -> None:
     """Flush C stdio, where the device checks' printf lines wait (CUDA's and the emulation's)."""
     ctypes.CDLL(None).fflush(None)
@@ -152,17 +180,18 @@ _SUBPROCESS = """
 import sys
 sys.path.insert(0, {tests!r})
 import torch
-from test_cuda_index_checks import CASES
-CASES[{case!r}][0]("cuda")
+from test_cuda_index_checks import CASES, GPU_CASES
+{{**CASES, **GPU_CASES}}[{case!r}][0]("cuda")
 torch.cuda.synchronize()
 print("no error")
 """
 
 
 @on_the_gpu
-@pytest.mark.parametrize("case", ["target", "multi_unsorted", "topk_index_repeated"])  # one per kernel
+@pytest.mark.parametrize("case", ["target", "multi_unsorted", "topk_index_repeated", "graph_replay"])
 def test_bad_value_is_a_device_side_assert_on_the_gpu(case):
-    """On a GPU, in a subprocess (the assertion ends its CUDA context)."""
+    """On a GPU, in a subprocess (the assertion ends its CUDA context): one case per check kernel,
+    and a CUDA graph's replay."""
     env = {k: v for k, v in os.environ.items() if k != "KDFAST_CUDA_HOST_CHECKS"}
     script = _SUBPROCESS.format(tests=str(Path(__file__).parent), case=case)
     run = subprocess.run(
@@ -170,4 +199,5 @@ def test_bad_value_is_a_device_side_assert_on_the_gpu(case):
     )
     assert run.returncode != 0 and "no error" not in run.stdout, run.stdout + run.stderr
     assert "device-side assert triggered" in run.stderr, run.stderr
-    assert f"kdfast: {CASES[case][1]}" in run.stdout + run.stderr, run.stdout + run.stderr
+    message = {**CASES, **GPU_CASES}[case][1]
+    assert f"kdfast: {message}" in run.stdout + run.stderr, run.stdout + run.stderr

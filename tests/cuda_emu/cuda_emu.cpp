@@ -15,6 +15,9 @@
 #include <random>
 #include <string>
 #include <vector>
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/asan_interface.h>
+#endif
 
 #if defined(__x86_64__)
 // A fiber switch without ucontext's signal-mask system call (the self-test block sum ran
@@ -198,6 +201,11 @@ bool run_block(Block& b) {
   for (int t = 0; t < b.num_threads; ++t) {
     Fiber& f = fibers[t];
     if (!f.stack) f.stack.reset(new char[kStackBytes]);
+#ifdef __SANITIZE_ADDRESS__
+    // a thread stopped by fail() or an assertion never returned from its frames,
+    // whose redzones would poison this launch's use of the stack
+    __asan_unpoison_memory_region(f.stack.get(), kStackBytes);
+#endif
     f.linear = t;
     f.index = dim3(t % b.dim.x, (t / b.dim.x) % b.dim.y, t / (b.dim.x * b.dim.y));
     f.done = false;
