@@ -83,13 +83,18 @@ Targets device_targets(const FusedInputs& in, int64_t ignore_index) {
   return t;
 }
 
+// Whether environment variable `name` is set to `value` (read at each call).
+bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env && std::strcmp(env, value) == 0;
+}
+
 // KDFAST_CUDA_HOST_CHECKS=1: index values are checked on the host (a copy there,
 // one sync; errors are ValueErrors that leave the CUDA context usable), except
 // while the current stream is captured into a CUDA graph, where that copy is not
 // allowed. Otherwise, and then, they are checked on the device (index_checks.h).
 bool host_index_checks() {
-  const char* env = std::getenv("KDFAST_CUDA_HOST_CHECKS");
-  return env && std::strcmp(env, "1") == 0 &&
+  return env_is("KDFAST_CUDA_HOST_CHECKS", "1") &&
          c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
 }
 
@@ -207,10 +212,7 @@ std::pair<at::Tensor, at::Tensor> logit_tiles(const LossConfig& cfg, const Fused
 }
 
 // KDFAST_CUDA_FUSED=0: every op takes its tiled path (for comparisons).
-bool fused_path_off() {
-  const char* env = std::getenv("KDFAST_CUDA_FUSED");
-  return env && std::strcmp(env, "0") == 0;
-}
+bool fused_path_off() { return env_is("KDFAST_CUDA_FUSED", "0"); }
 
 // KDFAST_CUDA_MAX_SPLITS=n: the fused forward passes use at most n class splits
 // (for tests: with few, each split takes several class tiles, as at a large V).
@@ -440,10 +442,12 @@ std::tuple<at::Tensor, at::Tensor> distillation_loss_forward_cuda(
   cpu::check_dense_inputs(cfg, student_logits, target, teacher_logits);
   const int64_t B = student_logits.size(0), V = student_logits.size(1);
   const at::Tensor t_all = target.has_value() ? target->contiguous() : at::Tensor();
-  if (t_all.defined() && host_index_checks()) {
-    cpu::check_target_values(t_all, V, ignore_index);
-  } else if (t_all.defined()) {
-    check_target_values(t_all.data_ptr<int64_t>(), B, V, ignore_index, current_stream());
+  if (t_all.defined()) {
+    if (host_index_checks()) {
+      cpu::check_target_values(t_all, V, ignore_index);
+    } else {
+      check_target_values(t_all.data_ptr<int64_t>(), B, V, ignore_index, current_stream());
+    }
   }
   const auto acc_type = student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = student_logits.options().dtype(acc_type);
