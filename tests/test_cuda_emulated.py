@@ -26,9 +26,10 @@ def test_rewrite_launches():
         "k<Pair<int, float>><<<g, b, 0, s>>>\n    (x);"
     )
     assert cuda_emu.rewrite_launches(text) == (
-        "if (B > 0) ::cuda_emu::Launch(row_blocks(B), kThreads, 0, stream).run(init_kernel<acc_t>, state, f(B, 2));\n"
-        "  ::cuda_emu::Launch(1, 32).run(ns::plain);\n"
-        "::cuda_emu::Launch(g, b, 0, s).run(k<Pair<int, float>>, x);"
+        "if (B > 0) ::cuda_emu::Launch(row_blocks(B), kThreads, 0, stream).named(\"init_kernel\")"
+        ".run(init_kernel<acc_t>, state, f(B, 2));\n"
+        "  ::cuda_emu::Launch(1, 32).named(\"plain\").run(ns::plain);\n"
+        "::cuda_emu::Launch(g, b, 0, s).named(\"k\").run(k<Pair<int, float>>, x);"
     )
     assert cuda_emu.rewrite_launches("no launch here") == "no launch here"
 

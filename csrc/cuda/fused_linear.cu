@@ -40,6 +40,7 @@ constexpr int kThreads = 256;  // 8 warps
 constexpr int kWarps = kThreads / 32;
 constexpr int kRows = kFusedRows, kClasses = kFusedClasses;
 constexpr int kLdF = kClasses + 4;  // float tiles' row stride (a multiple of 4, rows 32-byte aligned)
+constexpr int kMaskWords = kClasses / 32;  // a bit per class of a tile
 
 __host__ __device__ constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 
@@ -50,7 +51,8 @@ struct Layout {
   int d_pad = 0, ld = 0;  // d rounded up to 16; the row stride of the X and W tiles
   int chunk = 0, ld_chunk = 0;  // a linear teacher's d_t staged this many at a time; its tiles' stride
   int ld_grad = 0;              // the gradient tile's stride (backward)
-  int64_t w = -1, x = -1, f = -1, s = -1, stage = -1, grad = -1, keep = -1, bias_grad = -1, total = 0;  // -1: none
+  int64_t w = -1, x = -1, f = -1, s = -1, stage = -1, grad = -1, keep = -1, kept_mask = -1, bias_grad = -1,
+          total = 0;  // -1: none
 };
 
 // d: the student's (0 for the teacher-only passes); elem: the input dtype's bytes
@@ -82,6 +84,7 @@ __host__ __device__ Layout make_layout(int64_t d, FusedTeacher teacher, bool bac
   if (stage_bytes > 0) l.stage = l.grad = take(stage_bytes);
   if (backward) {
     l.keep = take(kClasses * 4);
+    l.kept_mask = take(kWarps * kMaskWords * 4);
     l.bias_grad = take(kClasses * 4);
   }
   l.total = at;
@@ -206,6 +209,7 @@ struct Tiles {
   in_t* stage_w;
   in_t* grad;  // [kRows, ld_grad] dL/df in the input dtype (backward)
   int* keep;   // [kClasses] filter flags of the tile's class groups (backward)
+  unsigned* kept_mask;  // [kWarps, kMaskWords] each warp's kept classes of the row block (backward)
   float* bias_grad;  // [kClasses] (backward)
 };
 
@@ -221,6 +225,7 @@ __device__ Tiles<in_t> tiles(unsigned char* smem, const Layout& l) {
   t.stage_w = t.stage_x ? t.stage_x + kRows * l.ld_chunk : nullptr;
   t.grad = reinterpret_cast<in_t*>(at(l.grad));
   t.keep = reinterpret_cast<int*>(at(l.keep));
+  t.kept_mask = reinterpret_cast<unsigned*>(at(l.kept_mask));
   t.bias_grad = reinterpret_cast<float*>(at(l.bias_grad));
   return t;
 }
@@ -390,6 +395,18 @@ __global__ void merge_lse_kernel(const float* partial, int64_t splits, int64_t B
   lse[2 * i + 1] = logf(sum);
 }
 
+// Whether one of the tile's classes [lo, hi) is kept: a bit set in one of the warps' masks.
+__device__ bool any_kept(const unsigned* kept_mask, int64_t lo, int64_t hi) {
+  for (int64_t w = lo / 32; w < kMaskWords && w * 32 < hi; ++w) {
+    const int64_t b0 = max(lo - w * 32, int64_t(0)), b1 = min(hi - w * 32, int64_t(32));
+    const unsigned bits = b1 - b0 == 32 ? ~0u : ((1u << (b1 - b0)) - 1) << b0;
+    unsigned any = 0;
+    for (int warp = 0; warp < kWarps; ++warp) any |= kept_mask[warp * kMaskWords + w];
+    if (any & bits) return true;
+  }
+  return false;
+}
+
 // The warp's dW fragments: its 16 classes of the tile by up to kFusedMaxDim dims.
 constexpr int kDimFrags = kFusedMaxDim / 16;
 
@@ -415,14 +432,18 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
   auto group_of = [&](int64_t j) { return (c0 + j) / filter_group - c0 / filter_group; };
   Accumulator<in_t> dw[kDimFrags];
   for (int q = 0; q < kDimFrags; ++q) wmma::fill_fragment(dw[q], 0.0f);
-  for (int j = threadIdx.x; j < kClasses; j += kThreads) t.bias_grad[j] = 0.0f;
+  for (int j = threadIdx.x; j < kClasses; j += kThreads) {
+    t.bias_grad[j] = 0.0f;
+    t.keep[j] = 1;  // (filtering: set per row block)
+  }
   load_weight_tile(a, l, t, c0);
   for (int64_t r0 = 0; r0 < a.B; r0 += kRows) {
     const int64_t rows = min(int64_t(kRows), a.B - r0);
-    for (int j = threadIdx.x; j < kClasses; j += kThreads) t.keep[j] = filtering ? 0 : 1;
     if (threadIdx.x == 0) tile_largest = 0;  // (the last row block read it before its later barriers)
     make_logits(a, l, t, r0, c0);
-    // dL/df in place of f, row by row; rows that contribute nothing (and those past B) zero
+    // dL/df in place of f, row by row; rows that contribute nothing (and those past B) zero.
+    // Filtering: bit q of kept_bits is set where class lane + 32 q is kept by one of the warp's rows
+    unsigned kept_bits = 0;
     for (int r = warp; r < kRows; r += kWarps) {
       const int64_t i = r0 + r;
       float* f = t.f + r * kLdF;
@@ -437,7 +458,7 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
         if (filtering) {
           const float limit = filter_eps * fabsf(scale);
           for (int64_t j = lane; j < n; j += 32) {
-            if (!(fabsf(f[j]) <= limit)) t.keep[group_of(j)] = 1;  // NaN keeps
+            if (!(fabsf(f[j]) <= limit)) kept_bits |= 1u << (j / 32);  // NaN keeps
           }
         }
         for (int64_t j = n + lane; j < kClasses; j += 32) f[j] = 0.0f;
@@ -445,9 +466,21 @@ __global__ void __launch_bounds__(kThreads) fused_backward_kernel(LossTerms p, T
         for (int j = lane; j < kClasses; j += 32) f[j] = 0.0f;
       }
     }
-    // a block whose every class group is negligible adds nothing (the same on every thread);
-    // the barrier first: each thread's predicate reads flags that other warps set
+    // the class groups' filter flags, each set by one thread from the warps' masks (no flag
+    // written by two threads); a block whose every group is negligible adds nothing (the same
+    // on every thread)
+    if (filtering) {
+      for (int q = 0; q < kMaskWords; ++q) {
+        const unsigned mask = __ballot_sync(0xffffffffu, (kept_bits >> q) & 1u);
+        if (lane == 0) t.kept_mask[warp * kMaskWords + q] = mask;
+      }
+    }
     __syncthreads();
+    if (filtering && threadIdx.x < kClasses) {
+      const int64_t g = threadIdx.x, first = c0 / filter_group;  // the group, the tile's first
+      t.keep[g] = any_kept(t.kept_mask, max((first + g) * filter_group - c0, int64_t(0)),
+                           min((first + g + 1) * filter_group - c0, n));
+    }
     const int kept_any = __syncthreads_or(threadIdx.x < kClasses && t.keep[threadIdx.x] != 0);
     if (!kept_any) continue;
     // G in the input dtype, the negligible groups zeroed; the bias's gradient summed in row order

@@ -19,6 +19,26 @@
 #include <sanitizer/asan_interface.h>
 #endif
 
+// The racecheck build (CUDA_EMU_SANITIZE=thread, README.md): the kernels are built with
+// ThreadSanitizer, this file without it (the scheduler's own bookkeeping is shared by the
+// fibers on purpose) but with CUDA_EMU_RACECHECK, which tells ThreadSanitizer what the
+// GPU orders: each emulated thread is a ThreadSanitizer fiber; a block's threads start
+// after everything the host did before (its memset of shared memory, earlier blocks and
+// launches) and the host goes on after they end; within the block only __syncthreads and
+// __syncwarp order one thread's accesses before another's. Shuffles, ballots and WMMA calls
+// do not (no memory ordering is promised for them), so two threads that touch the same
+// address with one of them writing, with no barrier between, are a reported race.
+#ifdef CUDA_EMU_RACECHECK
+extern "C" {
+void* __tsan_get_current_fiber(void);
+void* __tsan_create_fiber(unsigned flags);
+void __tsan_destroy_fiber(void* fiber);
+void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+void __tsan_acquire(void* addr);
+void __tsan_release(void* addr);
+}
+#endif
+
 #if defined(__x86_64__)
 // A fiber switch without ucontext's signal-mask system call (the self-test block sum ran
 // 6x faster, and the suite switches fibers millions of times): push the callee-saved registers and
@@ -56,6 +76,27 @@ cuda_emu_switch:
 
 namespace cuda_emu {
 namespace {
+
+// The racecheck build's calls into ThreadSanitizer (no-ops in the other builds).
+namespace race {
+#ifdef CUDA_EMU_RACECHECK
+constexpr unsigned kNoSync = 1;  // __tsan_switch_to_fiber_no_sync
+void* current() { return __tsan_get_current_fiber(); }
+void* create() { return __tsan_create_fiber(0); }
+void destroy(void* fiber) { __tsan_destroy_fiber(fiber); }
+// sync: what the current fiber did happens before what `fiber` does next
+void switch_to(void* fiber, bool sync) { __tsan_switch_to_fiber(fiber, sync ? 0 : kNoSync); }
+void release(void* sync_object) { __tsan_release(sync_object); }
+void acquire(void* sync_object) { __tsan_acquire(sync_object); }
+#else
+void* current() { return nullptr; }
+void* create() { return nullptr; }
+void destroy(void*) {}
+void switch_to(void*, bool) {}
+void release(void*) {}
+void acquire(void*) {}
+#endif
+}  // namespace race
 
 // A saved execution context: a fiber's or the scheduler's.
 struct Context {
@@ -103,7 +144,11 @@ void make_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
 #endif
 }
 
+#ifdef CUDA_EMU_RACECHECK
+constexpr size_t kStackBytes = 256 * 1024;  // ThreadSanitizer's instrumented frames are larger
+#else
 constexpr size_t kStackBytes = 64 * 1024;
+#endif
 constexpr unsigned kMaxThreads = 1024;
 
 struct Fiber {
@@ -115,6 +160,11 @@ struct Fiber {
   // where the fiber waits: 0 running, 1 block barrier, 2 warp exchange
   int waiting = 0;
   uint64_t wait_generation = 0;
+  // racecheck build: the thread's ThreadSanitizer fiber; whether it has run in this block;
+  // whether it was stopped midway (its fiber then has frames that never return: replaced)
+  void* race_fiber = nullptr;
+  bool started = false;
+  bool stopped = false;
 };
 
 // Two sets of slots, used by alternate exchanges: a lane that takes its value
@@ -125,6 +175,7 @@ struct Warp {
   uint64_t generation = 0;
   uint64_t slots[2][32] = {};
   int kind = -1;  // what the lanes arriving now do (exchange() in this file)
+  char sync_objects[2] = {};  // racecheck build: what __syncwarp releases and acquires, by generation
 };
 
 struct Block {
@@ -139,6 +190,8 @@ struct Block {
   int arrived = 0;
   uint64_t generation = 0;
   int or_accumulated = 0, or_result = 0;
+  char sync_objects[2] = {};  // racecheck build: what __syncthreads releases and acquires, by generation
+  void* host_fiber = nullptr;  // racecheck build: the launching thread's ThreadSanitizer fiber
   bool failed = false;
   // dynamic shared memory: dynamic_bytes from a 128-byte boundary of the buffer
   std::vector<unsigned char> dynamic_buffer;
@@ -153,6 +206,7 @@ constexpr size_t kDefaultDynamicShared = 48 * 1024;
 constexpr size_t kMaxDynamicShared = 163 * 1024;
 std::mutex g_attributes_mutex;
 std::map<const void*, size_t> g_max_dynamic_shared;
+std::map<std::string, uint64_t> g_kernel_launches;  // (under g_attributes_mutex too)
 
 thread_local Block* g_block = nullptr;
 thread_local std::vector<Fiber> g_fibers;  // stacks kept between launches
@@ -179,14 +233,21 @@ Block& block() {
 
 void yield_to_scheduler() {
   Block& b = block();
+  race::switch_to(b.host_fiber, false);
+  switch_context(b.current->context, b.scheduler);
+}
+
+// Back to the scheduler for good: the thread ended (or was stopped).
+void leave_block(Block& b) {
+  b.current->done = true;
+  race::switch_to(b.host_fiber, true);
   switch_context(b.current->context, b.scheduler);
 }
 
 void fiber_main() {
   Block& b = block();
   (*b.body)();
-  b.current->done = true;
-  switch_context(b.current->context, b.scheduler);
+  leave_block(b);
 }
 
 std::string where(const Block& b, const Fiber& f) {
@@ -210,6 +271,12 @@ bool run_block(Block& b) {
     f.index = dim3(t % b.dim.x, (t / b.dim.x) % b.dim.y, t / (b.dim.x * b.dim.y));
     f.done = false;
     f.waiting = 0;
+    if (!f.race_fiber || f.stopped) {
+      if (f.race_fiber) race::destroy(f.race_fiber);
+      f.race_fiber = race::create();
+      f.stopped = false;
+    }
+    f.started = false;
     // each stack's top moved by a different multiple of 64 bytes: the fibers' hot
     // frames otherwise share their offset in a page, hence their cache sets
     const size_t color = (size_t(t) * 64 * 37) % 4096;
@@ -229,10 +296,15 @@ bool run_block(Block& b) {
       if (f.waiting == 2 && b.warps[t / 32].generation == f.wait_generation) continue;
       f.waiting = 0;
       b.current = &f;
+      race::switch_to(f.race_fiber, !f.started);  // a thread starts after what the host did
+      f.started = true;
       switch_context(b.scheduler, f.context);
       b.current = nullptr;
       ++ran;
-      if (b.failed) return false;
+      if (b.failed) {
+        for (int u = 0; u < b.num_threads; ++u) fibers[u].stopped = fibers[u].stopped || !fibers[u].done;
+        return false;
+      }
     }
     if (live == 0) return true;
     if (ran == 0) {
@@ -262,23 +334,34 @@ const dim3& grid_dim() { return block().grid; }
 int sync_block(int pred) {
   Block& b = block();
   Fiber& f = *b.current;
+  // (every thread releases before the last arrives, and acquires after: alternate objects,
+  // as no thread can reach the barrier after next before every thread has left this one)
+  void* sync_object = &b.sync_objects[b.generation % 2];
+  race::release(sync_object);
   b.or_accumulated |= pred != 0;
   if (++b.arrived == b.num_threads) {
     b.arrived = 0;
     b.or_result = b.or_accumulated;
     b.or_accumulated = 0;
     ++b.generation;
+    race::acquire(sync_object);
     return b.or_result;  // the others resume on the new generation
   }
   f.waiting = 1;
   f.wait_generation = b.generation;
   yield_to_scheduler();
+  race::acquire(sync_object);
   return b.or_result;
 }
 
 void sync_warp(unsigned mask) {
   if (mask != 0xffffffffu) fail("__syncwarp with a partial mask (the emulation supports full warps only)");
+  Block& b = block();
+  Warp& w = b.warps[b.current->linear / 32];
+  void* sync_object = &w.sync_objects[w.generation % 2];  // (the exchange this lane joins now)
+  race::release(sync_object);
   warp_exchange(mask, 0, 0);
+  race::acquire(sync_object);
 }
 
 void* dynamic_shared() {
@@ -349,8 +432,8 @@ unsigned warp_ballot(unsigned mask, bool pred) {
   Block& b = block();
   set_error(code, message + " (" + where(b, *b.current) + ")");
   b.failed = true;
-  b.current->done = true;
-  switch_context(b.current->context, b.scheduler);
+  b.current->stopped = true;
+  leave_block(b);
   std::abort();  // never resumed
 }
 
@@ -361,7 +444,7 @@ void device_assert(const char* assertion, const char* file, unsigned line, const
                                    ": " + function + ": Assertion `" + assertion + "` failed.");
 }
 
-void run_grid(const void* kernel, dim3 grid, dim3 block_size, size_t shared_bytes,
+void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block_size, size_t shared_bytes,
               const std::function<void()>& body) {
   const uint64_t threads = uint64_t(block_size.x) * block_size.y * block_size.z;
   if (threads == 0 || threads > kMaxThreads || block_size.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
@@ -394,6 +477,10 @@ void run_grid(const void* kernel, dim3 grid, dim3 block_size, size_t shared_byte
                  block_size.y, block_size.z);
   }
   ++g_launches;
+  {
+    const std::lock_guard<std::mutex> lock(g_attributes_mutex);
+    ++g_kernel_launches[name];
+  }
   if (g_fibers.size() < threads) g_fibers.resize(threads);
   Block b;
   b.dim = block_size;
@@ -405,6 +492,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block_size, size_t shared_byte
   b.dynamic_buffer.resize(shared_bytes + 128);
   b.dynamic_shared = b.dynamic_buffer.data() + (128 - reinterpret_cast<uintptr_t>(b.dynamic_buffer.data()) % 128);
   b.body = &body;
+  b.host_fiber = race::current();
   g_block = &b;
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
@@ -427,6 +515,13 @@ void run_grid(const void* kernel, dim3 grid, dim3 block_size, size_t shared_byte
 
 uint64_t launch_count() { return g_launches.load(); }
 
+std::string kernel_launches() {
+  const std::lock_guard<std::mutex> lock(g_attributes_mutex);
+  std::string out;
+  for (const auto& [name, count] : g_kernel_launches) out += name + "=" + std::to_string(count) + ";";
+  return out;
+}
+
 cudaError_t take_last_error(const char** message) {
   static thread_local std::string last;
   const cudaError_t code = g_error_code;
@@ -441,5 +536,11 @@ cudaError_t take_last_error(const char** message) {
 
 // For the Python side (cuda_emulation.py's launch_count, through ctypes).
 extern "C" uint64_t cuda_emu_launch_count() { return cuda_emu::launch_count(); }
+// "name=count;..." of the launches so far per kernel name (valid until the next call).
+extern "C" const char* cuda_emu_kernel_launches() {
+  static std::string text;
+  text = cuda_emu::kernel_launches();
+  return text.c_str();
+}
 // Reseeds the calling thread's shuffle of the fibers' order (CUDA_EMU_SEED at start).
 extern "C" void cuda_emu_seed(uint64_t seed) { cuda_emu::g_rng.seed(seed); }

@@ -1,7 +1,7 @@
 // CPU emulation of the CUDA device code kdfast's kernels use, for the tests
 // (tests/cuda_emu/README.md). cuda_emulation.py puts this header before a kernel file's
 // text and turns each `kernel<<<grid, block, shmem, stream>>>(args)` into
-// `cuda_emu::Launch(grid, block, shmem, stream).run(kernel, args)`.
+// `cuda_emu::Launch(grid, block, shmem, stream).named("kernel").run(kernel, args)`.
 //
 // A launch runs now, on the calling thread, one block after another. A block's
 // threads are fibers that switch only at __syncthreads and warp shuffles, so
@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -71,20 +72,29 @@ int lane_id();
 
 // Kernel launches so far in this process (tests check that an op ran kernels).
 uint64_t launch_count();
+// "name=count;" for each kernel name launched so far.
+std::string kernel_launches();
 
 // kernel: the launched function (for cudaFuncSetAttribute's opt-in above 48 KiB
-// of dynamic shared memory).
-void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body);
+// of dynamic shared memory); name: its name, for the launch counts per kernel.
+void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block, size_t shared_bytes,
+              const std::function<void()>& body);
 
 struct Launch {
   dim3 grid, block;
   size_t shared_bytes;
+  const char* name = "?";
   Launch(dim3 g, dim3 b, size_t shmem = 0, cudaStream_t = nullptr) : grid(g), block(b), shared_bytes(shmem) {}
+  Launch& named(const char* kernel_name) {
+    name = kernel_name;
+    return *this;
+  }
   // Kernel parameters are copied per thread, as CUDA passes them by value.
   template <typename... Params, typename... Args>
   void run(void (*kernel)(Params...), Args&&... args) {
     const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
-    run_grid(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes, [&] { std::apply(kernel, params); });
+    run_grid(reinterpret_cast<const void*>(kernel), name, grid, block, shared_bytes,
+             [&] { std::apply(kernel, params); });
   }
 };
 
@@ -128,17 +138,10 @@ inline unsigned __ballot_sync(unsigned mask, int pred) { return cuda_emu::warp_b
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 
-// One block runs at a time on one thread: an atomic is a plain read-modify-write.
-inline int atomicExch(int* address, int value) {
-  const int old = *address;
-  *address = value;
-  return old;
-}
-inline int atomicOr(int* address, int value) {
-  const int old = *address;
-  *address = old | value;
-  return old;
-}
+// One block runs at a time on one thread, so an atomic needs no lock; it is still a
+// compiler atomic (relaxed), so that the racecheck build's ThreadSanitizer sees it as one.
+inline int atomicExch(int* address, int value) { return __atomic_exchange_n(address, value, __ATOMIC_RELAXED); }
+inline int atomicOr(int* address, int value) { return __atomic_fetch_or(address, value, __ATOMIC_RELAXED); }
 inline int __float_as_int(float x) {
   int bits;
   std::memcpy(&bits, &x, sizeof bits);
@@ -151,13 +154,16 @@ inline float __int_as_float(int bits) {
 }
 
 inline int atomicMax(int* address, int value) {
-  const int old = *address;
-  *address = std::max(old, value);
+  int old = __atomic_load_n(address, __ATOMIC_RELAXED);
+  while (old < value && !__atomic_compare_exchange_n(address, &old, value, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
   return old;
 }
 inline float atomicAdd(float* address, float value) {
-  const float old = *address;
-  *address = old + value;
+  float old;
+  __atomic_load(address, &old, __ATOMIC_RELAXED);
+  float sum = old + value;
+  while (!__atomic_compare_exchange(address, &old, &sum, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) sum = old + value;
   return old;
 }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -22,10 +23,16 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
-# CUDA_EMU_SANITIZE=1: an AddressSanitizer build (its own folder), for a process started with
-# libasan preloaded (README.md)
-SANITIZE = os.environ.get("CUDA_EMU_SANITIZE") == "1"
-BUILD_DIR = ROOT / "build" / ("cuda-emu-asan" if SANITIZE else "cuda-emu")
+# CUDA_EMU_SANITIZE=address (or 1): an AddressSanitizer build, for a process started with libasan
+# preloaded; CUDA_EMU_SANITIZE=thread: the racecheck build (ThreadSanitizer), for a process started
+# with libtsan preloaded (README.md). Each in its own folder.
+_SANITIZERS = {"": None, "0": None, "1": "address", "address": "address", "thread": "thread"}
+if os.environ.get("CUDA_EMU_SANITIZE", "") not in _SANITIZERS:
+    raise ValueError(
+        f"CUDA_EMU_SANITIZE={os.environ['CUDA_EMU_SANITIZE']!r}: expected one of 'address' (or 1), 'thread', or unset"
+    )
+SANITIZE = _SANITIZERS[os.environ.get("CUDA_EMU_SANITIZE", "")]
+BUILD_DIR = ROOT / "build" / {None: "cuda-emu", "address": "cuda-emu-asan", "thread": "cuda-emu-tsan"}[SANITIZE]
 NAME = "kdfast_cuda_emu"
 
 _IDENT = re.compile(r"[A-Za-z0-9_:]")
@@ -65,7 +72,7 @@ def _closing_paren(text: str, open_index: int) -> int:
 
 def rewrite_launches(text: str) -> str:
     """``k<T><<<grid, block, shmem, stream>>>(args)`` -> ``::cuda_emu::Launch(grid, block,
-    shmem, stream).run(k<T>, args)``, for every launch in a kernel file's text."""
+    shmem, stream).named("k").run(k<T>, args)``, for every launch in a kernel file's text."""
     out = text
     while (start := out.find("<<<")) >= 0:
         stop = out.find(">>>", start)
@@ -81,7 +88,8 @@ def rewrite_launches(text: str) -> str:
             raise ValueError(f"a kernel launch of {kernel} without its arguments")
         close = _closing_paren(out, paren)
         args = out[paren + 1 : close].strip()
-        call = f"::cuda_emu::Launch({config}).run({kernel}{', ' + args if args else ''})"
+        name = re.sub(r"<.*", "", kernel).split("::")[-1]  # (counted per name: kernel_launches)
+        call = f'::cuda_emu::Launch({config}).named("{name}").run({kernel}{", " + args if args else ""})'
         out = out[:kernel_at] + call + out[close + 1 :]
     return out
 
@@ -139,6 +147,27 @@ def _register_mixed_precision_mm() -> None:
     _ATEN_LIBRARY.impl("mm.dtype_out", mm_dtype_out, "CPU")
 
 
+def _scheduler_object() -> Path:
+    """The racecheck build's ``cuda_emu.cpp``, compiled apart, without ThreadSanitizer: the
+    scheduler's bookkeeping, shared by the emulated threads, is not what is checked; it tells
+    ThreadSanitizer what orders the threads instead (CUDA_EMU_RACECHECK). Rebuilt when its
+    sources change, and then the library is relinked."""
+    obj = BUILD_DIR / "cuda_emu_scheduler.o"
+    sources = [HERE / "cuda_emu.cpp", HERE / "cuda_emu.h", HERE / "cuda_runtime.h"]
+    if obj.exists() and obj.stat().st_mtime >= max(src.stat().st_mtime for src in sources):
+        return obj
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CXX", "c++")
+    subprocess.run(
+        [compiler, "-O1", "-g", "-fPIC", "-std=c++17", "-DCUDA_EMU_RACECHECK", f"-I{HERE}", "-c",
+         str(HERE / "cuda_emu.cpp"), "-o", str(obj)],
+        check=True,
+        env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},  # (as install's build)
+    )
+    (BUILD_DIR / f"{NAME}.so").unlink(missing_ok=True)  # ninja does not see the object: relink
+    return obj
+
+
 _LOADED: ctypes.CDLL | None = None
 
 
@@ -152,25 +181,41 @@ def install(verbose: bool = False) -> None:
 
     import kdfast  # noqa: F401  (the op schemas, and the CPU kernels the library replaces)
 
-    sources = [CSRC / "cuda_ops.cpp", HERE / "cuda_emu.cpp", HERE / "selftest_ops.cpp", *_translate_kernels()]
+    sources = [CSRC / "cuda_ops.cpp", HERE / "selftest_ops.cpp", *_translate_kernels()]
     flags = ["-O1", "-DKDFAST_CUDA_DISPATCH_KEY=CPU"]
-    if SANITIZE:  # the kernels' loads and stores checked by AddressSanitizer (README.md)
+    ldflags: list[str] = []
+    if SANITIZE == "address":  # the kernels' loads and stores checked by AddressSanitizer (README.md)
+        sources.append(HERE / "cuda_emu.cpp")
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+        ldflags += ["-fsanitize=address"]
+    elif SANITIZE == "thread":  # the kernels' accesses checked for races by ThreadSanitizer (README.md)
+        flags += ["-fsanitize=thread", "-g"]
+        ldflags += ["-fsanitize=thread", str(_scheduler_object())]
+    else:
+        sources.append(HERE / "cuda_emu.cpp")
+    # the compilers run without the sanitizer this process was started with (under a preloaded
+    # libtsan they fail)
+    preload = os.environ.pop("LD_PRELOAD", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        load(
-            name=NAME,
-            sources=[str(s) for s in sources],
-            extra_include_paths=[str(HERE), str(CSRC), str(CSRC / "cuda")],
-            extra_cflags=flags,
-            extra_ldflags=["-fsanitize=address"] if SANITIZE else [],
-            build_directory=str(BUILD_DIR),
-            is_python_module=False,
-            verbose=verbose,
-        )
+        try:
+            load(
+                name=NAME,
+                sources=[str(s) for s in sources],
+                extra_include_paths=[str(HERE), str(CSRC), str(CSRC / "cuda")],
+                extra_cflags=flags,
+                extra_ldflags=ldflags,
+                build_directory=str(BUILD_DIR),
+                is_python_module=False,
+                verbose=verbose,
+            )
+        finally:
+            if preload is not None:
+                os.environ["LD_PRELOAD"] = preload
     _register_mixed_precision_mm()
     _LOADED = ctypes.CDLL(str(BUILD_DIR / f"{NAME}.so"))  # the same handle torch loaded
     _LOADED.cuda_emu_launch_count.restype = ctypes.c_uint64
+    _LOADED.cuda_emu_kernel_launches.restype = ctypes.c_char_p
     _LOADED.cuda_emu_seed.argtypes = [ctypes.c_uint64]
 
 
@@ -178,6 +223,13 @@ def launch_count() -> int:
     """Kernel launches the emulator has run in this process."""
     install()
     return int(_LOADED.cuda_emu_launch_count())
+
+
+def kernel_launches() -> dict[str, int]:
+    """Launches so far in this process, per kernel name (template arguments left out)."""
+    install()
+    text = _LOADED.cuda_emu_kernel_launches().decode()
+    return {name: int(count) for name, count in (item.split("=") for item in text.split(";") if item)}
 
 
 def mixed_mm_calls() -> int:
