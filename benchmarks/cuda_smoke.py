@@ -19,7 +19,9 @@ the check that caused it):
   bias, ``kdfast.TopK``) and both target kinds (int64 with ignored rows, ``MultiTarget`` with
   an empty row), with the default class tile and with 128-class tiles (V = 1031: 8 full
   tiles and one of 7); plus exact=False, non-contiguous inputs, V smaller than a tile,
-  and a batch whose every row is ignored;
+  and a batch whose every row is ignored; and (not with ``--quick``) each teacher form and
+  target kind in float16 and in float32 with TF32 allowed (the fused kernels' tf32 products;
+  tolerance 5e-3 against the CPU's exact float32);
 * ``kdfast.teacher_topk`` float32 and bfloat16, k = 1, 7, 40 and k = V, with a bias, T = 1.5.
 
 CUDA and CPU get the same values (drawn in float64, rounded once to the dtype). Tolerances
@@ -46,6 +48,7 @@ B, D_S, D_T, V = 37, 19, 45, 1031  # odd sizes: no dimension a multiple of a war
 IGNORE = (3, 17, 30)  # rows whose int target is ignore_index
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 DTYPE_NAMES = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+TF32_TOL = 5e-3  # float32 inputs with TF32 allowed, against exact float32 (tf32 keeps 10 mantissa bits)
 
 DENSE_CONFIGS = {
     "hard": {"hard_weight": 1.0, "label_smoothing": 0.1},
@@ -241,7 +244,7 @@ def fused_checks(checks: Checks, device: str, quick: bool) -> None:
                             lambda dev, d=dtype, f=form, t=target_kind, c=cfg, ti=tile: _fused_run(p, dev, d, f, t, c, ti),
                             device)
                         _record_fused(checks, name, ref, got, problem, TOL[dtype])
-        # the default gradient filter (the CUDA backward is exact so far; the CPU one filters at eps)
+        # the default gradient filter (each at its dtype's eps: few entries of this problem are below it)
         name = f"fused/linear/int/all/{DTYPE_NAMES[dtype]}/exact=False"
         ref, got, problem = run_both(lambda dev, d=dtype: _fused_run(p, dev, d, "linear", "int", FUSED_ALL, None,
                                                                      exact=False), device)
@@ -250,6 +253,24 @@ def fused_checks(checks: Checks, device: str, quick: bool) -> None:
         ref, got, problem = run_both(lambda dev, d=dtype: _fused_run(p, dev, d, "dense", "multi", FUSED_ALL, 128,
                                                                      noncontig=True), device)
         _record_fused(checks, name, ref, got, problem, TOL[dtype])
+    # fp16 (whose fused backward scales each gradient tile before rounding it) and float32 with TF32
+    # allowed (the fused kernels' tf32 products, compared with exact float32 at TF32_TOL): each
+    # teacher form once, both target kinds
+    for dtype, tf32 in () if quick else ((torch.float16, False), (torch.float32, True)):
+        for form in (None, "dense", "linear", "topk"):
+            cfg = {"hard_weight": 1.0, "label_smoothing": 0.1} if form is None else FUSED_OMP
+            for target_kind in ("int", "multi"):
+                name = f"fused/{form or 'no-teacher'}/{target_kind}/{'tf32' if tf32 else DTYPE_NAMES[dtype]}"
+
+                def run(dev, d=dtype, f=form, t=target_kind, c=cfg, tf32=tf32):
+                    torch.backends.cuda.matmul.allow_tf32 = tf32 and dev != "cpu"
+                    try:
+                        return _fused_run(p, dev, d, f, t, c, None)
+                    finally:
+                        torch.backends.cuda.matmul.allow_tf32 = False
+
+                ref, got, problem = run_both(run, device)
+                _record_fused(checks, name, ref, got, problem, TF32_TOL if tf32 else TOL[dtype])
     # edge shapes: V below one tile, one row; and a batch with every row ignored
     small = _fused_problem(3, 1, 5)
     for form in ("linear", "topk"):
