@@ -256,6 +256,23 @@ std::string where(const Block& b, const Fiber& f) {
          ")";
 }
 
+// A failed block's threads that had not ended are left midway (stopped: their fibers are
+// replaced before the next launch), and the host goes on after what they did, as after the
+// others (a switch of ThreadSanitizer's current fiber there and back; the thread's own
+// context stays untouched). Returns false, the failed block's result.
+bool abandon_block(Block& b) {
+  for (int t = 0; t < b.num_threads; ++t) {
+    Fiber& left = (*b.fibers)[t];
+    if (left.done) continue;
+    left.stopped = true;
+    if (left.started) {
+      race::switch_to(left.race_fiber, true);
+      race::switch_to(b.host_fiber, true);
+    }
+  }
+  return false;
+}
+
 // Runs one block to the end; false when it failed.
 bool run_block(Block& b) {
   std::vector<Fiber>& fibers = *b.fibers;
@@ -301,10 +318,7 @@ bool run_block(Block& b) {
       switch_context(b.scheduler, f.context);
       b.current = nullptr;
       ++ran;
-      if (b.failed) {
-        for (int u = 0; u < b.num_threads; ++u) fibers[u].stopped = fibers[u].stopped || !fibers[u].done;
-        return false;
-      }
+      if (b.failed) return abandon_block(b);
     }
     if (live == 0) return true;
     if (ran == 0) {
@@ -319,7 +333,7 @@ bool run_block(Block& b) {
                 std::string(waiter->waiting == 1 ? "__syncthreads" : "warp shuffle") + " not reached by every thread: " +
                     std::to_string(exited) + " of " + std::to_string(b.num_threads) +
                     " threads had exited or wait elsewhere, e.g. " + where(b, *waiter) + " waits");
-      return false;
+      return abandon_block(b);
     }
   }
 }

@@ -113,11 +113,13 @@ def _cases(selftest: bool):
         return lambda: kdfast.teacher_topk(randn(B, d_t, dtype=dtype), randn(V, d_t, dtype=dtype), k=k)
 
     def failed_launch_then_fused():
-        # a launch whose threads stop midway (their fibers are replaced before the next launch)
-        try:
-            torch.ops.cuda_emu_selftest.divergent_barrier(64)
-        except RuntimeError:
-            pass
+        # launches whose threads stop midway, after a write (their fibers are replaced; what they
+        # did comes before the next launch's writes at the same place)
+        for _ in range(2):
+            try:
+                torch.ops.cuda_emu_selftest.divergent_barrier(64)
+            except RuntimeError:
+                pass
         fused(torch.bfloat16, "linear", "int")()
 
     def with_env(name, value, run):
@@ -167,7 +169,7 @@ def _cases(selftest: bool):
         ("teacher top-k, fused bf16", topk(bf16)),
         ("teacher top-k, fused bf16, 3 splits", with_env("KDFAST_CUDA_MAX_SPLITS", "3", topk(bf16))),
         ("teacher top-k, float32 (tiled)", topk(torch.float32)),
-        ("a failed launch, then fused bf16", failed_launch_then_fused),
+        ("failed launches, then fused bf16", failed_launch_then_fused),
     ]
     return cases
 

@@ -39,9 +39,13 @@ __global__ void lane_exchange_kernel(const float* x, float* rotated, unsigned* b
   if (threadIdx.x % 32 == 0) ballot[t / 32] = bits;
 }
 
-// Threads above the first half leave before a barrier the others wait at.
+// Threads above the first half leave before a barrier the others wait at, each
+// having marked its slot of a global array first (the racecheck build: a later
+// launch's writes there come after the stopped threads' ones).
+__device__ int divergent_marks[1024];
 __global__ void divergent_barrier_kernel(int* out) {
   if (threadIdx.x >= blockDim.x / 2) return;
+  divergent_marks[threadIdx.x] = 1;
   __syncthreads();
   out[threadIdx.x] = 1;
 }
