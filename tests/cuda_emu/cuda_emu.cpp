@@ -8,7 +8,6 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -204,14 +203,13 @@ struct Block {
 // two architectures kdfast builds for).
 constexpr size_t kDefaultDynamicShared = 48 * 1024;
 constexpr size_t kMaxDynamicShared = 163 * 1024;
-std::mutex g_attributes_mutex;
+std::mutex g_launch_mutex;  // guards the kernels' opt-ins and the launch counts
 std::map<const void*, size_t> g_max_dynamic_shared;
-std::map<std::string, uint64_t> g_kernel_launches;  // (under g_attributes_mutex too)
+std::map<std::string, uint64_t> g_kernel_launches;  // launches so far, per kernel name
 
 thread_local Block* g_block = nullptr;
 thread_local std::vector<Fiber> g_fibers;  // stacks kept between launches
 thread_local std::string g_error;
-std::atomic<uint64_t> g_launches{0};
 thread_local cudaError_t g_error_code = cudaSuccess;
 thread_local std::mt19937_64 g_rng(std::getenv("CUDA_EMU_SEED") ? std::strtoull(std::getenv("CUDA_EMU_SEED"), nullptr, 10)
                                                                  : 1);
@@ -388,7 +386,7 @@ int lane_id() { return block().current->linear % 32; }
 
 cudaError_t set_max_dynamic_shared(const void* kernel, int bytes) {
   if (bytes < 0 || size_t(bytes) > kMaxDynamicShared) return cudaErrorInvalidValue;
-  const std::lock_guard<std::mutex> lock(g_attributes_mutex);
+  const std::lock_guard<std::mutex> lock(g_launch_mutex);
   g_max_dynamic_shared[kernel] = size_t(bytes);
   return cudaSuccess;
 }
@@ -471,7 +469,7 @@ void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block_size, 
   }
   size_t max_shared = kDefaultDynamicShared;
   {
-    const std::lock_guard<std::mutex> lock(g_attributes_mutex);
+    const std::lock_guard<std::mutex> lock(g_launch_mutex);
     const auto it = g_max_dynamic_shared.find(kernel);
     if (it != g_max_dynamic_shared.end()) max_shared = std::max(max_shared, it->second);
   }
@@ -490,9 +488,8 @@ void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block_size, 
     std::fprintf(stderr, "cuda_emu: launch grid (%u,%u,%u) block (%u,%u,%u)\n", grid.x, grid.y, grid.z, block_size.x,
                  block_size.y, block_size.z);
   }
-  ++g_launches;
   {
-    const std::lock_guard<std::mutex> lock(g_attributes_mutex);
+    const std::lock_guard<std::mutex> lock(g_launch_mutex);
     ++g_kernel_launches[name];
   }
   if (g_fibers.size() < threads) g_fibers.resize(threads);
@@ -527,10 +524,15 @@ void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block_size, 
   g_block = nullptr;
 }
 
-uint64_t launch_count() { return g_launches.load(); }
+uint64_t launch_count() {
+  const std::lock_guard<std::mutex> lock(g_launch_mutex);
+  uint64_t total = 0;
+  for (const auto& [name, count] : g_kernel_launches) total += count;
+  return total;
+}
 
 std::string kernel_launches() {
-  const std::lock_guard<std::mutex> lock(g_attributes_mutex);
+  const std::lock_guard<std::mutex> lock(g_launch_mutex);
   std::string out;
   for (const auto& [name, count] : g_kernel_launches) out += name + "=" + std::to_string(count) + ";";
   return out;
