@@ -12,6 +12,9 @@
 #   profile    benchmarks/profile_fused.py --device cuda: one forward and one backward of each case under
 #              torch.profiler, the device time split into tile GEMMs, kdfast's kernels and the glue between
 #              (what a fused GEMM + loss kernel has to remove)
+#   xmc        experiments/amazon670k.py --scale full --estimate: issue 5's run on this GPU projected from
+#              timed real steps of each model (its goal: the four models in <= 15 min, <= 40 GB), into
+#              gpu_check.log
 #   bench      benchmarks/bench_fused_linear.py --device cuda (raw results as JSON)
 #   alltests   python3 -m pytest tests -q -x -p no:cacheprovider (the whole suite; last, as the CPU half of
 #              it also runs in CI, and it is the step most likely to be cut by the deadline)
@@ -22,7 +25,7 @@
 # device tool stops a command at 600), and each step gets what is left when it starts.
 #
 # Environment:
-#   STEPS="wheels info build register tests sanitizer profile bench alltests"   the steps to run (always in this order)
+#   STEPS="wheels info build register tests sanitizer profile xmc bench alltests"   the steps to run (always in this order)
 #   DEADLINE=570          seconds for the whole script
 #   PREBUILT=1            skip the build when a carried kdfast/_C*.so loads (benchmarks/prepare_device.sh
 #                         makes one here); build as usual when it does not
@@ -32,6 +35,7 @@
 #   ALLTESTS_TIMEOUT=400  ALLTESTS_ARGS="-x"                  the alltests step
 #   SANITIZER_TOOLS="memcheck racecheck"          SANITIZER_TIMEOUT=150 (each tool)
 #   PROFILE_TIMEOUT=90    PROFILE_ARGS="--cases ce,ce_kd_linear,dd_linear,topk"   the profile step
+#   XMC_TIMEOUT=150       XMC_ARGS=""   the xmc step (extra arguments of amazon670k.py, e.g. "--estimate-steps 3")
 #   BENCH_ARGS=""         extra arguments of bench_fused_linear.py (e.g. "--cases ce,pal --impls kdfast,cce")
 #   KDFAST_COMMIT=        the commit the results are recorded under (the device's copy may have no .git)
 #   BENCH_TIMEOUT=        seconds for the bench step (default: all that is left, so put alltests in
@@ -46,7 +50,7 @@
 # included, so plan for ONE call (a second is possible only if the first ends early). First, here:
 #   bash benchmarks/prepare_device.sh     # .whl/, the device's .so, and the CPU tests under its torch
 # then with carry [".whl", "kdfast/_C.cpython-312-x86_64-linux-gnu.so"] and timeout_s 600,
-#   PREBUILT=1 STEPS="wheels info build register tests sanitizer profile bench" SANITIZER_TOOLS=memcheck TESTS_TIMEOUT=180 \
+#   PREBUILT=1 STEPS="wheels info build register tests sanitizer profile xmc bench" SANITIZER_TOOLS=memcheck TESTS_TIMEOUT=180 \
 #     BENCH_ARGS="--impls kdfast,eager,cce,liger --cases ce,ce_kd_linear,dd_linear,topk" bash benchmarks/gpu_check.sh
 # (without the .so, or where it does not load, the build step builds there: a few minutes less for the rest)
 # (the bench step gets what is left before DEADLINE and stops starting workers 20 s before it).
@@ -62,7 +66,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 1
 OUT_DIR="${OUT:-$REPO/benchmarks/results/gpu-run}"
 mkdir -p "$OUT_DIR"
-STEPS="${STEPS:-wheels info build register tests sanitizer profile bench alltests}"
+STEPS="${STEPS:-wheels info build register tests sanitizer profile xmc bench alltests}"
 DEADLINE="${DEADLINE:-570}"
 PY="${PYTHON:-python3}"
 START=$(date +%s)
@@ -240,6 +244,16 @@ if want profile; then
     "$PY" benchmarks/profile_fused.py --device cuda --json /tmp/kdfast_profile_fused.json "${profile_args[@]}"
 fi
 
+# ------------------------------------------------------------------ xmc
+if want xmc; then
+  # the data set is generated on this machine (~20 s); the output folder stays here (the device
+  # tool brings back 8 files): the projection is in gpu_check.log
+  eval "xmc_args=(${XMC_ARGS:-})"
+  run_step xmc "$LOG" "$(budget "${XMC_TIMEOUT:-150}")" \
+    "$PY" experiments/amazon670k.py --scale full --estimate --no-progress --out /tmp/kdfast_xmc_estimate \
+    --cache-dir /tmp/kdfast_xmc_cache "${xmc_args[@]}"
+fi
+
 # ------------------------------------------------------------------ bench
 if want bench; then
   BENCH_SECS=$(budget "${BENCH_TIMEOUT:-3600}")
@@ -273,6 +287,10 @@ fi
   if [[ -f "$OUT_DIR/profile.log" ]]; then
     echo "--- profile (device time by kind)"
     grep -E "^[a-z_]+: |^  (forward|backward) " "$OUT_DIR/profile.log" | head -14
+  fi
+  if want xmc; then
+    echo "--- xmc (issue 5 at --scale full, projected)"
+    grep -E "^  [A-Z][a-z].*s per step|^  labeling: |^projected wall time" "$LOG" | tail -7
   fi
   if [[ -f "$OUT_DIR/bench.log" ]]; then
     echo "--- bench (goals)"

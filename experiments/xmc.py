@@ -148,6 +148,11 @@ def parse_args(spec: DatasetSpec, argv: list[str] | None) -> argparse.Namespace:
                    help="where generated data sets are cached")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--estimate", action="store_true",
+                   help="train nothing: time --estimate-steps real training steps of each model (after one "
+                   "warm-up step) and the labeling and evaluation of one batch, project the whole run's wall "
+                   "time and peak memory from them, write estimate.json and estimate.md, and exit")
+    p.add_argument("--estimate-steps", type=int, default=5, help="timed training steps per model of --estimate")
     args = p.parse_args(argv)
     # (teacher epochs, student epochs, Adam learning rate, points per step) by scale; 'cpu' is
     # sized for the whole run in ~7 minutes on 2 cores
@@ -162,7 +167,7 @@ def parse_args(spec: DatasetSpec, argv: list[str] | None) -> argparse.Namespace:
     if {"student_kd", "student_dd"} & set(models) and "teacher" not in models and args.teacher_labels is None:
         p.error("student_kd / student_dd need the teacher: include 'teacher' in --models or pass --teacher-labels")
     args.models = models
-    for name in ("batch_size", "teacher_width", "student_width", "teacher_k"):
+    for name in ("batch_size", "teacher_width", "student_width", "teacher_k", "estimate_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -251,19 +256,53 @@ def loss_keywords(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "negative_scale": args.dd_scale, "negative_shift": args.dd_shift}
 
 
-def train_model(
-    name: str, model: SparseLinearClassifier, data: Data, args: argparse.Namespace, log: Log, *,
-    epochs: int, teacher: SparseLinearClassifier | None = None, store: kdfast.LabelStore | None = None,
+def make_step(
+    name: str, model: SparseLinearClassifier, data: Data, args: argparse.Namespace, *,
+    teacher: SparseLinearClassifier | None = None, store: kdfast.LabelStore | None = None,
     teacher_keywords: Callable[[np.ndarray], dict[str, Any]] | None = None,
-) -> TrainResult:
-    """Adam over shuffled batches of points, the fused loss with pick-all-labels targets. The
-    teacher signal comes from `teacher` (on the fly), `store` (top-k), or `teacher_keywords(rows)`
-    (the fused loss's teacher keywords for a batch's sorted training rows)."""
+) -> Callable[[np.ndarray], float]:
+    """`name`'s training step, with an Adam of its own: for a batch's sorted training rows, the
+    teacher signal from `teacher` (on the fly), `store` (top-k) or `teacher_keywords(rows)` (the
+    fused loss's teacher keywords), the fused loss with pick-all-labels targets, backward and the
+    update. The step returns the batch's loss (a float: on a GPU it waits for the step)."""
     device = args.device
     keywords = loss_keywords(name, args)
     # fused: one kernel per parameter and no parameter-sized temporaries (foreach Adam's made
     # the teacher's steps fault ~300 MB of fresh pages in each; 20% of its step time on 2 cores)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+
+    def step(rows: np.ndarray) -> float:
+        hidden = model.encode(data.X_train[rows])
+        teacher_kw: dict[str, Any] = {}
+        if teacher_keywords is not None:
+            teacher_kw = teacher_keywords(rows)
+        elif teacher is not None:
+            with torch.no_grad():
+                teacher_kw = {"teacher_hidden": teacher.encode(data.X_train[rows]),
+                              "teacher_weight": teacher.output.weight, "teacher_bias": teacher.output.bias}
+        elif store is not None:
+            teacher_kw = {"teacher_topk": store[rows].to(device)}
+        loss = kdfast.fused_linear_distillation_loss(
+            hidden, model.output.weight, batch_targets(data.Y_train, rows, device),
+            student_bias=model.output.bias, reduction="mean", **teacher_kw, **keywords,
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def train_model(
+    name: str, model: SparseLinearClassifier, data: Data, args: argparse.Namespace, log: Log, *,
+    epochs: int, teacher: SparseLinearClassifier | None = None, store: kdfast.LabelStore | None = None,
+    teacher_keywords: Callable[[np.ndarray], dict[str, Any]] | None = None,
+) -> TrainResult:
+    """Adam over shuffled batches of points (make_step's step); the teacher signal comes from
+    `teacher` (on the fly), `store` (top-k), or `teacher_keywords(rows)` (the fused loss's teacher
+    keywords for a batch's sorted training rows)."""
+    step = make_step(name, model, data, args, teacher=teacher, store=store, teacher_keywords=teacher_keywords)
     n = data.X_train.shape[0]
     steps_per_epoch = math.ceil(n / args.batch_size)
     rng = np.random.default_rng(model_seed(args.seed, name, stream=1))
@@ -275,26 +314,8 @@ def train_model(
         bar = progress(range(steps_per_epoch), steps_per_epoch, f"{name} epoch {epoch + 1}/{epochs}",
                        not args.no_progress)
         epoch_loss = 0.0
-        for step in bar:
-            rows = np.sort(order[step * args.batch_size:(step + 1) * args.batch_size])
-            hidden = model.encode(data.X_train[rows])
-            teacher_kw: dict[str, Any] = {}
-            if teacher_keywords is not None:
-                teacher_kw = teacher_keywords(rows)
-            elif teacher is not None:
-                with torch.no_grad():
-                    teacher_kw = {"teacher_hidden": teacher.encode(data.X_train[rows]),
-                                  "teacher_weight": teacher.output.weight, "teacher_bias": teacher.output.bias}
-            elif store is not None:
-                teacher_kw = {"teacher_topk": store[rows].to(device)}
-            loss = kdfast.fused_linear_distillation_loss(
-                hidden, model.output.weight, batch_targets(data.Y_train, rows, device),
-                student_bias=model.output.bias, reduction="mean", **teacher_kw, **keywords,
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            value = float(loss.detach())
+        for i in bar:
+            value = step(np.sort(order[i * args.batch_size:(i + 1) * args.batch_size]))
             epoch_loss += value
             losses.append(value)
             if tqdm is not None and not args.no_progress:
@@ -417,6 +438,125 @@ def estimate_seconds(data: Data, args: argparse.Namespace) -> float:
     return total
 
 
+LABEL_BATCH = 4096  # rows per batch of the labeling and of predict_topk in a run
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that a clock reads its end."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    """Seconds `fn()` takes, its device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def duration(seconds: float) -> str:
+    """Seconds as a person reads them: '42.0 s', '3.5 min'."""
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def peak_memory(device: str) -> tuple[int, str]:
+    """The process's peak memory so far in bytes, and what was measured."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of the process (CPU)"
+
+
+def estimate_run(data: Data, args: argparse.Namespace, log: Log, data_seconds: float) -> dict[str, Any]:
+    """--estimate: the whole run's wall time and peak memory projected from timed pieces of it.
+
+    Each model takes one warm-up and ``args.estimate_steps`` timed steps of its real training step
+    (make_step: the same batch size, teacher signal and Adam) on random batches; its training is
+    projected as the median step time times the run's steps. Evaluation and labeling are timed
+    on one batch of rows (after a warm-up batch) and projected per row. The models are not trained,
+    so a trained model's gradient filter may skip more in the real run (its steps can be faster);
+    the data's time is this run's (a cached data set loads in seconds)."""
+    device = args.device
+    n, n_test = data.X_train.shape[0], data.X_test.shape[0]
+    steps_per_epoch = math.ceil(n / args.batch_size)
+    rng = np.random.default_rng(model_seed(args.seed, "teacher", stream=1))
+    batches = [np.sort(rng.permutation(n)[:args.batch_size]) for _ in range(args.estimate_steps + 1)]
+    eval_rows = n_test + min(TRAIN_EVAL_ROWS, n)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def per_row_seconds(fn: Callable[[np.ndarray], Any], X: sp.csr_matrix) -> float:
+        # a warm-up batch, then one timed batch of up to LABEL_BATCH rows
+        rows = np.arange(min(LABEL_BATCH, X.shape[0]))
+        fn(rows)
+        return timed(lambda: fn(rows), device) / max(len(rows), 1)
+
+    models: dict[str, dict[str, Any]] = {}
+
+    def estimate_model(name: str, model: SparseLinearClassifier, **signal: Any) -> None:
+        step = make_step(name, model, data, args, **signal)
+        step(batches[0])
+        times = [timed(lambda rows=rows: step(rows), device) for rows in batches[1:]]
+        epochs = args.teacher_epochs if name == "teacher" else args.student_epochs
+        steps = epochs * steps_per_epoch
+        per_step = float(np.median(times))
+        eval_per_row = per_row_seconds(lambda rows: predict_topk(model, data.X_test[rows], max(KS)), data.X_test)
+        models[name] = {"steps": steps, "timed_step_seconds": times, "seconds_per_step": per_step,
+                        "train_seconds": per_step * steps, "eval_seconds": eval_per_row * eval_rows}
+        log(f"  {MODEL_TITLES[name]}: {per_step:.3f} s per step (median of {len(times)}) x {steps:,} steps "
+            f"= {duration(per_step * steps)} of training")
+
+    log(f"estimate: {args.estimate_steps} timed steps per model after a warm-up step, batches of "
+        f"{args.batch_size:,} points, {steps_per_epoch:,} steps per epoch")
+    teacher = None
+    if "teacher" in args.models:
+        seed_model(args.seed, "teacher")
+        teacher = SparseLinearClassifier(data.num_features, args.teacher_width, data.num_labels).to(device)
+        estimate_model("teacher", teacher)
+        teacher.eval()
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+
+    labeling_seconds = 0.0
+    signal: dict[str, Any] = {}
+    if {"student_kd", "student_dd"} & set(args.models):
+        if args.teacher_labels is not None:
+            signal = {"store": kdfast.LabelStore(args.teacher_labels)}
+        elif args.teacher_signal == "on-the-fly":
+            signal = {"teacher": teacher}
+        else:
+            def label(rows: np.ndarray) -> kdfast.TopK:
+                with torch.no_grad():
+                    return kdfast.teacher_topk(teacher.encode(data.X_train[rows]), teacher.output.weight,
+                                               teacher.output.bias, k=args.teacher_k)
+
+            labeling_seconds = per_row_seconds(label, data.X_train) * n
+            log(f"  labeling: top-{args.teacher_k} of {n:,} training points, {duration(labeling_seconds)}")
+            # the timed batches' labels, as the store would give them
+            labels = {rows.tobytes(): label(rows) for rows in batches}
+            signal = {"teacher_keywords": lambda rows: {"teacher_topk": labels[rows.tobytes()]}}
+
+    for name in ("student", "student_kd", "student_dd"):
+        if name in args.models:
+            seed_model(args.seed, name)
+            student = SparseLinearClassifier(data.num_features, args.student_width, data.num_labels).to(device)
+            estimate_model(name, student, **(signal if name != "student" else {}))
+            del student
+
+    peak, peak_kind = peak_memory(device)
+    train_s = sum(m["train_seconds"] for m in models.values())
+    eval_s = sum(m["eval_seconds"] for m in models.values())
+    total = data_seconds + train_s + eval_s + labeling_seconds
+    log(f"projected wall time: {duration(total)} (data {duration(data_seconds)}, training {duration(train_s)}, "
+        f"labeling {duration(labeling_seconds)}, evaluation {duration(eval_s)}); peak memory "
+        f"{peak / 2**30:.2f} GiB ({peak_kind})")
+    return {"models": models, "labeling_seconds": labeling_seconds, "data_seconds": data_seconds,
+            "train_seconds": train_s, "eval_seconds": eval_s, "total_seconds": total,
+            "peak_memory_bytes": peak, "peak_memory_kind": peak_kind}
+
+
 def main(spec: DatasetSpec, argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(spec, argv)
     if args.threads:
@@ -433,8 +573,18 @@ def main(spec: DatasetSpec, argv: list[str] | None = None) -> dict[str, Any]:
     config = config_dict(args)
     log("configuration: " + json.dumps(config, sort_keys=True))
 
+    data_start = time.perf_counter()
     data = load_data(spec, args, log)
     log(data.description)
+    if args.estimate:
+        estimate = estimate_run(data, args, log, time.perf_counter() - data_start)
+        summary = {"dataset": spec.name, "data": data.description, "config": config,
+                   "device": device_description(args.device), "commit": git_commit(), "torch": torch.__version__,
+                   "kdfast": kdfast.__version__, "estimate": estimate}
+        (out / "estimate.json").write_text(json.dumps(summary, indent=2, default=float))
+        log.save(out / "log.txt")
+        print(f"estimate in {out}")
+        return summary
     inv_prop = inverse_propensity(data.Y_train, *spec.propensity)
     est = estimate_seconds(data, args)
     log(f"estimated training time: ~{est / 60:.1f} min for {len(args.models)} models "

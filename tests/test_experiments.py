@@ -38,6 +38,37 @@ def test_xmc_script_tiny(script, tmp_path):
     assert len(results["orderings"]) == 12
 
 
+@pytest.mark.parametrize("signal", ["topk", "on-the-fly"])
+def test_xmc_estimate_tiny(signal, tmp_path):
+    """--estimate times real steps of every model and projects the run from them, training nothing."""
+    out = tmp_path / "estimate"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "amazon670k.py"), "--scale", "tiny", "--no-progress",
+         "--estimate", "--estimate-steps", "2", "--teacher-signal", signal, "--out", str(out),
+         "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "projected wall time" in proc.stdout
+    assert {p.name for p in out.iterdir()} == {"estimate.json", "log.txt"}  # no model, table or labels
+    est = json.loads((out / "estimate.json").read_text())["estimate"]
+    assert list(est["models"]) == ["teacher", "student", "student_kd", "student_dd"]
+    # tiny: 2,000 points in batches of 256 (8 steps per epoch), 2 teacher and 3 student epochs
+    for name, m in est["models"].items():
+        assert m["steps"] == 8 * (2 if name == "teacher" else 3), name
+        assert len(m["timed_step_seconds"]) == 2 and min(m["timed_step_seconds"]) > 0, name
+        assert m["train_seconds"] == pytest.approx(m["seconds_per_step"] * m["steps"]), name
+        assert m["eval_seconds"] > 0, name
+    if signal == "topk":  # the training points are labeled first (timed on a batch)
+        assert est["labeling_seconds"] > 0
+    else:
+        assert est["labeling_seconds"] == 0
+    parts = est["data_seconds"] + est["train_seconds"] + est["eval_seconds"] + est["labeling_seconds"]
+    assert est["total_seconds"] == pytest.approx(parts)
+    assert est["train_seconds"] == pytest.approx(sum(m["train_seconds"] for m in est["models"].values()))
+    assert est["peak_memory_bytes"] > 0
+
+
 def test_kd_targets_tiny(tmp_path):
     """The distillation-target ablation at --scale tiny: its uniform-target check passes, every
     variant trains and is scored."""
