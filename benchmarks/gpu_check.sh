@@ -13,8 +13,8 @@
 #              torch.profiler, the device time split into tile GEMMs, kdfast's kernels and the glue between
 #              (what a fused GEMM + loss kernel has to remove)
 #   xmc        experiments/amazon670k.py --scale full --estimate: issue 5's run on this GPU projected from
-#              timed real steps of each model (its goal: the four models in <= 15 min, <= 40 GB), into
-#              gpu_check.log
+#              timed real steps of each model (its goal: the four models in <= 15 min, <= 40 GB), once
+#              per --matmul-precision (exact float32, and TF32), into gpu_check.log
 #   bench      benchmarks/bench_fused_linear.py --device cuda (raw results as JSON)
 #   alltests   python3 -m pytest tests -q -x -p no:cacheprovider (the whole suite; last, as the CPU half of
 #              it also runs in CI, and it is the step most likely to be cut by the deadline)
@@ -35,7 +35,8 @@
 #   ALLTESTS_TIMEOUT=400  ALLTESTS_ARGS="-x"                  the alltests step
 #   SANITIZER_TOOLS="memcheck racecheck"          SANITIZER_TIMEOUT=150 (each tool)
 #   PROFILE_TIMEOUT=90    PROFILE_ARGS="--cases ce,ce_kd_linear,dd_linear,topk"   the profile step
-#   XMC_TIMEOUT=150       XMC_ARGS=""   the xmc step (extra arguments of amazon670k.py, e.g. "--estimate-steps 3")
+#   XMC_TIMEOUT=120       XMC_ARGS=""   the xmc step, each precision (extra arguments of amazon670k.py,
+#                         e.g. "--estimate-steps 3")   XMC_PRECISIONS="highest high"
 #   BENCH_ARGS=""         extra arguments of bench_fused_linear.py (e.g. "--cases ce,pal --impls kdfast,cce")
 #   KDFAST_COMMIT=        the commit the results are recorded under (the device's copy may have no .git)
 #   BENCH_TIMEOUT=        seconds for the bench step (default: all that is left, so put alltests in
@@ -249,9 +250,11 @@ if want xmc; then
   # the data set is generated on this machine (~20 s); the output folder stays here (the device
   # tool brings back 8 files): the projection is in gpu_check.log
   eval "xmc_args=(${XMC_ARGS:-})"
-  run_step xmc "$LOG" "$(budget "${XMC_TIMEOUT:-150}")" \
-    "$PY" experiments/amazon670k.py --scale full --estimate --no-progress --out /tmp/kdfast_xmc_estimate \
-    --cache-dir /tmp/kdfast_xmc_cache "${xmc_args[@]}"
+  for precision in ${XMC_PRECISIONS:-highest high}; do
+    run_step "xmc-$precision" "$LOG" "$(budget "${XMC_TIMEOUT:-120}")" \
+      "$PY" experiments/amazon670k.py --scale full --estimate --no-progress --matmul-precision "$precision" \
+      --out "/tmp/kdfast_xmc_estimate_$precision" --cache-dir /tmp/kdfast_xmc_cache "${xmc_args[@]}"
+  done
 fi
 
 # ------------------------------------------------------------------ bench
@@ -289,8 +292,8 @@ fi
     grep -E "^[a-z_]+: |^  (forward|backward) " "$OUT_DIR/profile.log" | head -14
   fi
   if want xmc; then
-    echo "--- xmc (issue 5 at --scale full, projected)"
-    grep -E "^  [A-Z][a-z].*s per step|^  labeling: |^projected wall time" "$LOG" | tail -7
+    echo "--- xmc (issue 5 at --scale full, projected; exact float32, then TF32)"
+    grep -E "^=== .* xmc-|^  [A-Z][a-z].*s per step|^  labeling: |^projected wall time" "$LOG" | tail -16
   fi
   if [[ -f "$OUT_DIR/bench.log" ]]; then
     echo "--- bench (goals)"

@@ -147,6 +147,10 @@ def parse_args(spec: DatasetSpec, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=REPO / "experiments" / "cache",
                    help="where generated data sets are cached")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--matmul-precision", choices=("highest", "high"), default="highest",
+                   help="float32 matrix products (torch.set_float32_matmul_precision): highest, exact float32 "
+                   "(PyTorch's default), or high, TF32 tensor cores on a GPU (kdfast's fused CUDA kernels then "
+                   "take the float32 models)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--estimate", action="store_true",
                    help="train nothing: time --estimate-steps real training steps of each model (after one "
@@ -561,6 +565,7 @@ def main(spec: DatasetSpec, argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(spec, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     torch.manual_seed(args.seed)
     run_name = f"{args.scale if args.data is None else 'real'}-seed{args.seed}"
     out = args.out or REPO / "experiments" / "results" / spec.name / run_name

@@ -45,13 +45,15 @@ def test_xmc_estimate_tiny(signal, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "amazon670k.py"), "--scale", "tiny", "--no-progress",
          "--estimate", "--estimate-steps", "2", "--teacher-signal", signal, "--out", str(out),
-         "--cache-dir", str(tmp_path / "cache")],
+         "--cache-dir", str(tmp_path / "cache"), *(["--matmul-precision", "high"] if signal == "on-the-fly" else [])],
         capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "projected wall time" in proc.stdout
     assert {p.name for p in out.iterdir()} == {"estimate.json", "log.txt"}  # no model, table or labels
-    est = json.loads((out / "estimate.json").read_text())["estimate"]
+    summary = json.loads((out / "estimate.json").read_text())
+    assert summary["config"]["matmul_precision"] == ("high" if signal == "on-the-fly" else "highest")
+    est = summary["estimate"]
     assert list(est["models"]) == ["teacher", "student", "student_kd", "student_dd"]
     # tiny: 2,000 points in batches of 256 (8 steps per epoch), 2 teacher and 3 student epochs
     for name, m in est["models"].items():
