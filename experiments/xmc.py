@@ -461,8 +461,10 @@ def timed(fn: Callable[[], Any], device: str) -> float:
 
 
 def duration(seconds: float) -> str:
-    """Seconds as a person reads them: '42.0 s', '3.5 min'."""
-    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+    """Seconds as a person reads them: '42.0 s', '3.5 min', '2.1 h'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def peak_memory(device: str) -> tuple[int, str]:
@@ -512,7 +514,8 @@ def estimate_run(data: Data, args: argparse.Namespace, log: Log, data_seconds: f
         log(f"  {MODEL_TITLES[name]}: {per_step:.3f} s per step (median of {len(times)}) x {steps:,} steps "
             f"= {duration(per_step * steps)} of training")
 
-    log(f"estimate: {args.estimate_steps} timed steps per model after a warm-up step, batches of "
+    log(f"estimate: {args.estimate_steps} timed step{'s' if args.estimate_steps > 1 else ''} per model after a "
+        f"warm-up step, batches of "
         f"{args.batch_size:,} points, {steps_per_epoch:,} steps per epoch")
     teacher = None
     if "teacher" in args.models:
