@@ -4,7 +4,9 @@
 //
 // The fused linear loss takes one of two paths:
 // - fused (csrc/cuda/fused_linear.cu), for bf16 / fp16 inputs with d <= 128,
-//   and float ones where torch allows TF32 (fused_input): logit tiles made by
+//   and float ones where torch allows TF32 (fused_input) with d <= 112, or 64
+//   with a teacher (float's tiles take twice the bytes; the forward and the
+//   backward take one path, fused_linear_supported): logit tiles made by
 //   tensor cores in shared memory and reduced there, so no logits reach global
 //   memory; a block whose gradient entries are all negligible skips its
 //   gradient GEMMs. KDFAST_CUDA_FUSED=0 turns it off (for comparisons).
@@ -237,8 +239,7 @@ std::optional<FusedInput> fused_input(at::ScalarType dtype) {
 // The fused kernels' arguments for these inputs, or nullopt where they do not
 // take them (fused_input, fused_linear.h). The pointers are into in's tensors
 // and lse_w.
-std::optional<FusedLinearArgs> fused_args(const LossConfig& cfg, const FusedInputs& in, const at::Tensor& lse_w,
-                                          bool backward) {
+std::optional<FusedLinearArgs> fused_args(const LossConfig& cfg, const FusedInputs& in, const at::Tensor& lse_w) {
   const auto input = fused_input(in.hidden_in.scalar_type());
   if (!input) return std::nullopt;
   FusedLinearArgs a;
@@ -271,7 +272,7 @@ std::optional<FusedLinearArgs> fused_args(const LossConfig& cfg, const FusedInpu
       break;
   }
   a.lse_w = ptr_or_null<float>(lse_w);
-  if (!fused_linear_supported(a, backward)) return std::nullopt;
+  if (!fused_linear_supported(a)) return std::nullopt;
   return a;
 }
 
@@ -291,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_loss_forward_cuda(KDFAST_FUSED_I
   at::Tensor stats = at::empty({in.B, cpu::kNumRowStats}, opts);
   const LossTerms terms = loss_terms(cfg);
   const Targets targets = device_targets(in, cfg.ignore_index);
-  if (auto fa = fused_args(cfg, in, at::Tensor(), false)) {
+  if (auto fa = fused_args(cfg, in, at::Tensor())) {
     const int64_t splits = fused_forward_splits(in.B, in.V, max_splits());
     at::Tensor lse_w;  // the one_minus_prob weights' log-partition: stored (top-k) or a fused pre-pass
     if (cfg.needs_teacher_prepass()) {
@@ -363,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_loss_backward_cuda(
   const LossTerms terms = loss_terms(cfg);
   const Targets targets = device_targets(in, cfg.ignore_index);
   const bool filtering = filter_eps > 0;
-  if (const auto fa = fused_args(cfg, in, lse_w, true)) {
+  if (const auto fa = fused_args(cfg, in, lse_w)) {
     // the filter's class groups: the requested tile where it is under the kernels' own
     const int64_t group = tile_size > 0 && tile_size < kFusedClasses ? tile_size : kFusedClasses;
     float* grad_bias_ptr = grad_bias.defined() ? grad_bias.data_ptr<float>() : nullptr;

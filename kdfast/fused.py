@@ -123,8 +123,9 @@ def fused_linear_distillation_loss(
     the CPU has AMX (:func:`kdfast.ops.cpu_bf16_gemm_status`; ``KDFAST_CPU_BF16_GEMM=0`` upcasts to
     float32 GEMMs instead), with the same logits and gradients within one bf16 rounding. On CUDA,
     bf16/fp16 inputs with ``d <= 128`` run fused kernels (tensor cores; no logits in global memory),
-    as do float32 ones where torch allows TF32 (``torch.backends.cuda.matmul.allow_tf32``): their
-    products are then tf32's; float32 stays exact (tiled cuBLAS GEMMs) by default.
+    as do float32 ones where torch allows TF32 (``torch.backends.cuda.matmul.allow_tf32``) with
+    ``d <= 112``, or ``d <= 64`` with a teacher: their products are then tf32's (a larger ``d`` takes
+    tiled cuBLAS GEMMs, in tf32 too); float32 stays exact (tiled cuBLAS GEMMs) by default.
 
     Bad index values (a target outside ``[0, V)`` that is not ``ignore_index``, an unsorted
     ``MultiTarget`` row, a ``TopK`` class out of range or given twice) raise a ``ValueError`` naming

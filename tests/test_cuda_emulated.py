@@ -259,6 +259,40 @@ def test_float32_takes_the_fused_kernels_only_with_tf32_allowed(form, term, set_
     torch.testing.assert_close(labels[0].lse, labels[1].lse, rtol=0, atol=2.0**-9 * scale)
 
 
+def _tile_gemms(fn):
+    """(fn's result, how many GEMMs of the tiled path it called: float ones and bf16/fp16 ones)."""
+    before = cuda_emu.mixed_mm_calls()
+    out, gemms = _gemm_calls(fn)
+    return out, gemms + cuda_emu.mixed_mm_calls() - before
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "tf32"])
+@pytest.mark.parametrize("form", ["none", "dense", "linear", "topk"])
+@pytest.mark.parametrize("d", [64, 72, 80, 112, 128])
+def test_forward_and_backward_take_the_same_path(dtype, form, d, set_tf32):
+    """A forward takes the fused kernels exactly where its backward does. The backward's layout is
+    the larger (its gradient tile), so for float with TF32 nine of these cases took the fused
+    forward and the tiled backward, whose logits (cuBLAS's products on a GPU, exact float32 here)
+    then met the forward's log-partitions of tf32 logits. Found by fuzzing: a hard CE at B = 2,
+    d = 128, V = 300 had grad_hidden 3.4e-3 (of its largest entry) from float64, against 5.4e-4
+    for tf32 products in both directions (a float64 simulation) and 2.6e-7 for the tiled path."""
+    set_tf32(dtype == "tf32")
+    torch_dtype = torch.float32 if dtype == "tf32" else getattr(torch, dtype)
+    p = _problem(70, d, 300, seed=45, form="dense" if form == "none" else form, target_kind="multi",
+                 dtype=torch_dtype, d_t=40, k=7)
+    kwargs = TERMS["hard" if form == "none" else "combined"]
+    h, w = p.hidden.clone().requires_grad_(), p.weight.clone().requires_grad_()
+    teacher = p.teacher_kwargs() if form != "none" else {}
+    loss, forward_gemms = _tile_gemms(lambda: kdfast.fused_linear_distillation_loss(
+        h, w, p.target, student_bias=p.bias, reduction="sum", exact=True, **teacher, **kwargs))
+    _, backward_gemms = _tile_gemms(lambda: loss.backward())
+    assert (forward_gemms == 0) == (backward_gemms == 0), f"forward {forward_gemms}, backward {backward_gemms} GEMMs"
+    # bf16 and fp16 take the fused kernels at every d <= 128; float (tf32, tiles of twice the bytes)
+    # up to d = 112, or 64 with a teacher (README, kdfast/fused.py)
+    fused_up_to = 128 if dtype != "tf32" else 112 if form == "none" else 64
+    assert (forward_gemms == 0) == (d <= fused_up_to), f"forward {forward_gemms} GEMMs at d = {d}"
+
+
 @pytest.mark.parametrize("case", ["peaked_hard_filtered", "linear_one_minus_prob", "topk_combined", "tf32_linear"])
 def test_fused_kernels_do_not_depend_on_the_threads_order(case, monkeypatch, set_tf32):
     """The fused kernels under four orders of the emulated threads (seeds) give bit-identical

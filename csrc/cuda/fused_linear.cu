@@ -660,9 +660,10 @@ unsigned row_threads_blocks(int64_t B) { return static_cast<unsigned>((B + 255) 
 
 }  // namespace
 
-bool fused_linear_supported(const FusedLinearArgs& args, bool backward) {
+bool fused_linear_supported(const FusedLinearArgs& args) {
   if (args.d < 1 || args.d > kFusedMaxDim) return false;
-  return make_layout(args.d, args.teacher, backward, element_bytes(args.input)).total <= 160 * 1024;
+  // the backward's layout holds the forward's (and the teacher-only passes')
+  return make_layout(args.d, args.teacher, true, element_bytes(args.input)).total <= 160 * 1024;
 }
 
 int64_t fused_forward_splits(int64_t B, int64_t V, int64_t max_splits) {

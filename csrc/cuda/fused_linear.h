@@ -56,11 +56,14 @@ struct FusedLinearArgs {
   const float* lse_w = nullptr;  // [B, 2] (max, log-sum) for one_minus_prob weights, or null
 };
 
-// Whether the fused kernels take these inputs: d <= kFusedMaxDim and the
-// block's shared memory within 160 KiB. (The fp16 backward scales each row
-// block's dL/df tile by a power of two before rounding it, so fp16's range
-// keeps its small entries.)
-bool fused_linear_supported(const FusedLinearArgs& args, bool backward);
+// Whether the fused kernels take these inputs, forward and backward alike:
+// d <= kFusedMaxDim and the backward block's shared memory (the larger: its
+// gradient tile) within 160 KiB. One answer for both directions, since a
+// forward fused over a tiled backward would meet its log-partitions with other
+// logits there (float: cuBLAS's tf32 products, not the kernels'). (The fp16
+// backward scales each row block's dL/df tile by a power of two before rounding
+// it, so fp16's range keeps its small entries.)
+bool fused_linear_supported(const FusedLinearArgs& args);
 
 // The number of class splits of the forward for these sizes: each split (a
 // column of blocks, one per group of rows) has its own partial states
