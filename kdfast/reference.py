@@ -71,9 +71,13 @@ def log_negative_weights(
     """``log w`` of double distillation: ``log(1 - sigmoid(a (s - b)))`` or ``log(1 - p_t)``."""
     s = teacher_logits
     if negative_weighting == "sigmoid":
-        # log(1 - sigmoid(z)) = log(sigmoid(-z)) = -softplus(z), exact in the tails
-        return -torch.nn.functional.softplus(negative_scale * (s - negative_shift))
+        # log(1 - sigmoid(z)) = -softplus(z) = -(max(z, 0) + log1p(exp(-|z|))), exact in both tails
+        # (F.softplus returns z itself above its threshold of 20: up to e^-20 = 2e-9 short)
+        z = negative_scale * (s - negative_shift)
+        return -(z.clamp(min=0) + torch.log1p(torch.exp(-z.abs())))
     if negative_weighting == "one_minus_prob":
+        # (1 - p rounded from a p near 1 loses digits, as the kernels' log-partitions do: a confident
+        # teacher's top class gets a log w off by ~eps / (1 - p) relative)
         return torch.log1p(-torch.softmax(s, dim=-1))
     raise ValueError(f"unknown negative_weighting {negative_weighting!r}")
 

@@ -234,6 +234,28 @@ def test_soft_term_equals_kl_div_and_hinton_gradient(temperature, dtype, device)
     assert_close(grad.double(), hinton, **(tol if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6 * max(1, T)}))
 
 
+def test_reference_sigmoid_weights_exact_in_both_tails(device):
+    """The oracle's sigmoid log-weights log(1 - sigmoid(z)) = -softplus(z) against 50-digit decimal
+    arithmetic, in float64, past F.softplus's threshold of 20 too (where it returns z itself, up to
+    e^-20 short: 1e-9 of a double-distillation loss, which the kernels compute exactly)."""
+    from decimal import Decimal, localcontext
+
+    z = torch.tensor([-40.0, -5.0, 0.0, 5.0, 21.0, 25.0, 36.0], dtype=torch.float64)
+    got = reference.log_negative_weights(z, "sigmoid", negative_scale=1.0, negative_shift=0.0)
+    with localcontext() as ctx:
+        ctx.prec = 50
+        for zi, g in zip(z.tolist(), got.tolist()):
+            exact = -(max(Decimal(zi), Decimal(0)) + (1 + (-abs(Decimal(zi))).exp()).ln())
+            assert abs((Decimal(g) - exact) / exact) < 1e-15, (zi, g, exact)
+    # the kernels are exact there too: weights with a (s - b) = 35 and 20.5, then 60.75 and 50.75
+    f = torch.tensor([[2.0, 27.0], [1.0, 3.0]], dtype=torch.float64, device=device)
+    s = torch.tensor([[14.7, 8.9], [25.0, 21.0]], dtype=torch.float64, device=device)
+    kwargs = {"hard_weight": 0.0, "double_weight": 1.0, "negative_scale": 2.5, "negative_shift": 0.7,
+              "reduction": "none"}
+    torch.testing.assert_close(kdfast.distillation_loss(f, None, s, **kwargs),
+                               reference.distillation_loss(f, None, s, **kwargs), rtol=1e-14, atol=0)
+
+
 # ----------------------------------------------------------------------------- shapes, layouts, values
 
 
