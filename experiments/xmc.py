@@ -155,7 +155,7 @@ def parse_args(spec: DatasetSpec, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--estimate", action="store_true",
                    help="train nothing: time --estimate-steps real training steps of each model (after one "
                    "warm-up step) and the labeling and evaluation of one batch, project the whole run's wall "
-                   "time and peak memory from them, write estimate.json and estimate.md, and exit")
+                   "time and peak memory from them, write estimate.json and log.txt, and exit")
     p.add_argument("--estimate-steps", type=int, default=5, help="timed training steps per model of --estimate")
     args = p.parse_args(argv)
     # (teacher epochs, student epochs, Adam learning rate, points per step) by scale; 'cpu' is
@@ -234,6 +234,31 @@ def batch_targets(Y: sp.csr_matrix, rows: np.ndarray, device: str) -> kdfast.Mul
         torch.from_numpy(sub.indptr.astype(np.int64)).to(device),
         torch.from_numpy(sub.indices.astype(np.int64)).to(device),
     )
+
+
+LABEL_BATCH = 4096  # rows per batch of the labeling and of predict_topk in a run
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that a clock reads its end."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    """Seconds `fn()` takes, its device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def duration(seconds: float) -> str:
+    """Seconds as a person reads them: '42.0 s', '3.5 min', '2.1 h'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 # --------------------------------------------------------------------------- training
@@ -326,14 +351,13 @@ def train_model(
                 bar.set_postfix(loss=f"{value:.4f}")
         log(f"  {name} epoch {epoch + 1}/{epochs}: mean loss {epoch_loss / steps_per_epoch:.4f} "
             f"({time.perf_counter() - start:.1f} s)")
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
+    synchronize(args.device)
     return TrainResult(name, time.perf_counter() - start, epochs * steps_per_epoch, losses[-1] if losses else float("nan"),
                        losses)
 
 
 @torch.no_grad()
-def predict_topk(model: SparseLinearClassifier, X: sp.csr_matrix, k: int, batch_size: int = 4096) -> np.ndarray:
+def predict_topk(model: SparseLinearClassifier, X: sp.csr_matrix, k: int, batch_size: int = LABEL_BATCH) -> np.ndarray:
     """The model's top-k labels of every row of X by the fused top-k (never a rows x labels matrix)."""
     model.eval()
     out = []
@@ -415,7 +439,8 @@ def bar_chart(spec: DatasetSpec, results: dict[str, TrainResult], path: Path) ->
 
 
 def estimate_seconds(data: Data, args: argparse.Namespace) -> float:
-    """A rough estimate of the whole run from one timed step per model width."""
+    """A rough estimate of the whole run from one timed step per model width, for a run's first
+    lines (--estimate's estimate_run times each model's real step)."""
     n = data.X_train.shape[0]
     steps_per_epoch = math.ceil(n / args.batch_size)
     rows = np.arange(min(args.batch_size, n))
@@ -431,8 +456,7 @@ def estimate_seconds(data: Data, args: argparse.Namespace) -> float:
             loss = kdfast.fused_linear_distillation_loss(hidden, model.output.weight, target,
                                                          student_bias=model.output.bias)
             loss.backward(retain_graph=True)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(args.device)
             times.append(time.perf_counter() - t0)
         per_step = min(times) * 1.3  # encode, optimizer, data
         epochs = args.teacher_epochs if name == "teacher" else args.student_epochs
@@ -440,31 +464,6 @@ def estimate_seconds(data: Data, args: argparse.Namespace) -> float:
             per_step *= 1 + 2 * args.teacher_width / args.student_width
         total += per_step * epochs * steps_per_epoch
     return total
-
-
-LABEL_BATCH = 4096  # rows per batch of the labeling and of predict_topk in a run
-
-
-def synchronize(device: str) -> None:
-    """Wait for the device's queued work (a no-op on the CPU), so that a clock reads its end."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: str) -> float:
-    """Seconds `fn()` takes, its device work included."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def duration(seconds: float) -> str:
-    """Seconds as a person reads them: '42.0 s', '3.5 min', '2.1 h'."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def peak_memory(device: str) -> tuple[int, str]:
@@ -515,8 +514,7 @@ def estimate_run(data: Data, args: argparse.Namespace, log: Log, data_seconds: f
             f"= {duration(per_step * steps)} of training")
 
     log(f"estimate: {args.estimate_steps} timed step{'s' if args.estimate_steps > 1 else ''} per model after a "
-        f"warm-up step, batches of "
-        f"{args.batch_size:,} points, {steps_per_epoch:,} steps per epoch")
+        f"warm-up step, batches of {args.batch_size:,} points, {steps_per_epoch:,} steps per epoch")
     teacher = None
     if "teacher" in args.models:
         seed_model(args.seed, "teacher")
@@ -636,7 +634,7 @@ def main(spec: DatasetSpec, argv: list[str] | None = None) -> dict[str, Any]:
         else:
             t0 = time.perf_counter()
             store = kdfast.label_dataset(teacher.encode, teacher.output.weight, data.X_train, out / "teacher_labels",
-                                         bias=teacher.output.bias, k=args.teacher_k, batch_size=4096,
+                                         bias=teacher.output.bias, k=args.teacher_k, batch_size=LABEL_BATCH,
                                          device=args.device, overwrite=True, progress=not args.no_progress)
             s = store.summary()
             log(f"teacher signal: top-{args.teacher_k} labels of the {len(store):,} training points in "
